@@ -1,0 +1,1 @@
+"""Triton kernels for packed-sequence training, imported as ``agentflan.kernels``."""
