@@ -1,0 +1,186 @@
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from agentflan.data.conversation import Conversation, Message, read_agentflan_jsonl
+from agentflan.data.defaults import DEFAULT_TOKENIZER
+from agentflan.data.synthetic import write_corpus
+from agentflan.data.templates import TEMPLATES, agentflan_end_of_turn_id, encode_conversation
+from agentflan.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(DEFAULT_TOKENIZER)
+
+
+def make(*turns: tuple) -> Conversation:
+    return Conversation("test", [Message(t[0], t[1], t[2] if len(t) > 2 else None) for t in turns], "test.jsonl", 1)
+
+
+def end_id(tok: Tokenizer, template: str) -> int:
+    return agentflan_end_of_turn_id(tok) if template == "agentflan" else tok.eos_id
+
+
+def mask_runs(mask: np.ndarray) -> list[slice]:
+    """Maximal stretches of consecutive 1s."""
+    padded = np.concatenate([[0], mask.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [slice(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def strip_dummy_prefix(tok: Tokenizer, ids: list[int]) -> list[int]:
+    """Drops the lone "▁" SentencePiece puts before a text that starts with a marker piece."""
+    assert ids[0] == tok.piece_to_id("▁")
+    return ids[1:]
+
+
+# System, user, a ReAct call (ToolBench-style leading newline), a tool observation coming
+# back as a user turn, an in-context assistant turn with loss false, a follow-up, a final answer.
+HAND = make(
+    ("system", "You can call get_weather(city)."),
+    ("user", "Is it raining in Oslo?"),
+    ("assistant", "\nThought: I need the weather.\nAction: get_weather\nAction Input: {\"city\": \"Oslo\"}"),
+    ("user", "{\"condition\": \"light rain\", \"temperature\": 4}"),
+    ("assistant", "Example answer that must not be learned.", False),
+    ("user", "And tomorrow?"),
+    ("assistant", "Yes, it is raining in Oslo: light rain at 4°C. ", True),
+)
+HAND_TRAINED = [
+    "Thought: I need the weather.\nAction: get_weather\nAction Input: {\"city\": \"Oslo\"}",
+    "Yes, it is raining in Oslo: light rain at 4°C.",
+]
+HAND_UNTRAINED = ["You can call get_weather(city).", "Is it raining in Oslo?",
+                  "{\"condition\": \"light rain\", \"temperature\": 4}", "Example answer that must not be learned.",
+                  "And tomorrow?"]
+
+
+def check_mask(tok: Tokenizer, conv: Conversation, template: str) -> None:
+    """The masked tokens are exactly each trained assistant content plus the turn's closing token."""
+    enc = encode_conversation(conv, tok, template)
+    assert enc.ids.dtype == np.int32 and enc.loss_mask.dtype == np.uint8
+    assert enc.ids.shape == enc.loss_mask.shape and enc.ids.ndim == 1
+    assert enc.ids[0] == tok.bos_id
+    assert set(np.unique(enc.loss_mask).tolist()) <= {0, 1}
+    end = end_id(tok, template)
+    trained = [m.content.strip() for m in conv.messages if m.trained]
+    runs = mask_runs(enc.loss_mask)
+    assert len(runs) == len(trained), (conv.id, template)
+    for run, text in zip(runs, trained):
+        ids = enc.ids[run].tolist()
+        assert ids == tok.encode(text) + [end], (conv.id, template, text)
+        assert tok.decode(ids[:-1]) == text
+    # Everything left unmasked still carries every system, user and untrained assistant text.
+    rest = tok.decode(enc.ids[enc.loss_mask == 0].tolist())
+    for msg in conv.messages:
+        if not msg.trained:
+            assert msg.content.strip() in rest
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_hand_checked_mask_in_every_template(tok: Tokenizer, template: str) -> None:
+    check_mask(tok, HAND, template)
+    enc = encode_conversation(HAND, tok, template)
+    masked = enc.ids[enc.loss_mask == 1].tolist()
+    end = end_id(tok, template)
+    assert masked == tok.encode(HAND_TRAINED[0]) + [end] + tok.encode(HAND_TRAINED[1]) + [end]
+    runs = mask_runs(enc.loss_mask)
+    end_text = "<|eot|>" if template == "agentflan" else ""  # EOS is a control id and decodes to nothing
+    assert [tok.decode(enc.ids[r].tolist()) for r in runs] == [t + end_text for t in HAND_TRAINED]
+    masked_text = tok.decode(masked)
+    for text in HAND_UNTRAINED:
+        assert text not in masked_text
+    # No role marker is a target (the agentflan markers are single pieces in this tokenizer).
+    marker_ids = {tok.piece_to_id(p) for p in ("<|System|>:", "<|Human|>:", "<|Assistant|>:")}
+    assert not marker_ids & set(masked)
+
+
+def test_agentflan_hand_checked_ids(tok: Tokenizer) -> None:
+    text = ("<|System|>: You can call get_weather(city).\n"
+            "<|Human|>: Is it raining in Oslo?\n"
+            f"<|Assistant|>: {HAND_TRAINED[0]}<|eot|>\n"
+            "<|Human|>: {\"condition\": \"light rain\", \"temperature\": 4}\n"
+            "<|Assistant|>: Example answer that must not be learned.<|eot|>\n"
+            "<|Human|>: And tomorrow?\n"
+            f"<|Assistant|>: {HAND_TRAINED[1]}<|eot|>")
+    enc = encode_conversation(HAND, tok, "agentflan")
+    # Segment-wise encoding gives the ids of the whole rendered text: no stray dummy prefixes.
+    assert enc.ids.tolist() == [tok.bos_id] + strip_dummy_prefix(tok, tok.encode(text))
+    assert tok.id_to_piece(int(enc.ids[-1])) == "<|eot|>"
+
+
+def test_llama2_chat_matches_meta_reference_encoding(tok: Tokenizer) -> None:
+    # Meta's reference encodes each exchange as its own string with BOS/EOS ids around it.
+    exchanges = [
+        f"[INST] <<SYS>>\nYou can call get_weather(city).\n<</SYS>>\n\nIs it raining in Oslo? [/INST] {HAND_TRAINED[0]}",
+        "[INST] {\"condition\": \"light rain\", \"temperature\": 4} [/INST] Example answer that must not be learned.",
+        f"[INST] And tomorrow? [/INST] {HAND_TRAINED[1]}",
+    ]
+    expected = [i for ex in exchanges for i in [tok.bos_id] + tok.encode(ex) + [tok.eos_id]]
+    assert encode_conversation(HAND, tok, "llama2-chat").ids.tolist() == expected
+
+
+def test_llama2_chat_merges_consecutive_prompts_and_handles_odd_orders(tok: Tokenizer) -> None:
+    conv = make(("user", "first"), ("user", "second"), ("assistant", "one"), ("assistant", "two"),
+                ("system", "new rules"), ("user", "third"), ("assistant", "three", False), ("user", "trailing"))
+    expected = ([tok.bos_id] + tok.encode("[INST] first\n\nsecond [/INST] one") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("[INST]  [/INST] two") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("[INST] <<SYS>>\nnew rules\n<</SYS>>\n\nthird [/INST] three") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("[INST] trailing [/INST]"))
+    enc = encode_conversation(conv, tok, "llama2-chat")
+    assert enc.ids.tolist() == expected
+    check_mask(tok, conv, "llama2-chat")
+
+
+def test_agentflan_consecutive_assistants_empty_content_and_trailing_user(tok: Tokenizer) -> None:
+    conv = make(("user", "q"), ("assistant", "a"), ("assistant", "   "), ("user", "c"))
+    enc = encode_conversation(conv, tok, "agentflan")
+    text = "<|Human|>: q\n<|Assistant|>: a<|eot|>\n<|Assistant|>:<|eot|>\n<|Human|>: c"
+    assert enc.ids.tolist() == [tok.bos_id] + strip_dummy_prefix(tok, tok.encode(text))
+    eot = tok.piece_to_id("<|eot|>")
+    # An empty answer still trains its closing token: the model learns to end the turn.
+    assert [enc.ids[r].tolist() for r in mask_runs(enc.loss_mask)] == [tok.encode("a") + [eot], [eot]]
+
+
+def test_random_generated_conversations(tok: Tokenizer, tmp_path: Path) -> None:
+    seed = random.SystemRandom().randrange(2**32)
+    path = tmp_path / "fresh.jsonl"
+    write_corpus(path, n=80, seed=seed)
+    convs = list(read_agentflan_jsonl(path))
+    assert len(convs) == 80
+    for conv in convs:
+        for template in TEMPLATES:
+            check_mask(tok, conv, template)
+        # agentflan: the ids are those of the whole rendered text (segment boundaries are seamless).
+        parts = []
+        for m in conv.messages:
+            marker = {"system": "<|System|>:", "user": "<|Human|>:", "assistant": "<|Assistant|>:"}[m.role]
+            body = f"{marker} {m.content.strip()}" if m.content.strip() else marker
+            parts.append(body + ("<|eot|>" if m.role == "assistant" else ""))
+        enc = encode_conversation(conv, tok, "agentflan")
+        assert enc.ids.tolist() == [tok.bos_id] + strip_dummy_prefix(tok, tok.encode("\n".join(parts))), \
+            f"seed {seed}, {conv.id}"
+
+
+def test_tokenizer_without_end_of_turn_piece_closes_agentflan_turns_with_eos(tmp_path: Path) -> None:
+    # Like stock Llama-2: no <|eot|> piece and the role markers split into several pieces.
+    lines = [f"Thought: step {i}. Action: tool_{i % 7} and more words about weather in Oslo" for i in range(300)]
+    model = tmp_path / "plain.model"
+    with open(model, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, model_type="bpe", vocab_size=400, byte_fallback=True,
+            add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    plain = Tokenizer(model)
+    assert plain.piece_to_id("<|eot|>") == plain.unk_id
+    assert agentflan_end_of_turn_id(plain) == plain.eos_id
+    for template in TEMPLATES:
+        check_mask(plain, HAND, template)
+
+
+def test_unknown_template_is_rejected_with_the_known_names(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match=r"unknown chat template 'chatml'.*agentflan.*llama2-chat"):
+        encode_conversation(HAND, tok, "chatml")
