@@ -35,11 +35,11 @@ class TrainConfig:
     pack_len: int = 1024
     overlong: str = "split"
     # optimisation
-    steps: int = 120
+    steps: int = 200
     packs_per_step: int = 4  # per rank, split into grad_accum micro-batches
     grad_accum: int = 1
     lr: float = 3e-3
-    warmup_steps: int = 12
+    warmup_steps: int = 20
     warmup_start_lr: float = 3e-4
     min_lr: float = 3e-4
     weight_decay: float = 0.1
