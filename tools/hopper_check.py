@@ -1,0 +1,47 @@
+"""Compile every kernel config for H100 (sm_90) on this machine, no GPU needed.
+
+    python tools/hopper_check.py           # markdown table; exit 1 on any problem
+    python tools/hopper_check.py --json    # one JSON object per line (used by the tests)
+
+Prints registers, shared memory, spills, stack and wgmma use per config.
+"""
+
+import os
+
+# The specs need real @triton.jit functions: drop interpreter mode before triton loads.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+from agentflan.kernels import compile_check  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON result per line instead of a table")
+    args = parser.parse_args()
+    reason = compile_check.toolchain_problem()
+    if reason:
+        print(f"hopper_check: cannot compile for sm_90: {reason}", file=sys.stderr)
+        return 2
+    specs, missing = compile_check.collect_specs()
+    results = [compile_check.check(spec) for spec in specs]
+    if args.json:
+        for r in results:
+            print(json.dumps(dataclasses.asdict(r)))
+        if missing:
+            print(f"kernel modules not present (skipped): {', '.join(missing)}", file=sys.stderr)
+    else:
+        print(compile_check.format_table(results))
+        if missing:
+            print(f"\nkernel modules not present (skipped): {', '.join(missing)}")
+        failed = [r.name for r in results if not r.ok]
+        print(f"\n{len(results) - len(failed)}/{len(results)} configs ok" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if any(not r.ok for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
