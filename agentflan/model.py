@@ -45,7 +45,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # (T, n_heads, head_dim)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # (T, n_kv_heads, head_dim)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = ops.apply_rope(q, k, cos, sin)
+        q, k = ops.apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))  # q is bf16 under autocast
         out = ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # (T, n_heads, head_dim)
         return self.o_proj(out.reshape(T, self.n_heads * self.head_dim))
 
