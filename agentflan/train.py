@@ -84,12 +84,12 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> Lla
     return model
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fsdp: bool) -> torch.optim.AdamW:
     # No weight decay on norms (1-D weights), as is standard for Llama training.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" and not fsdp)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> dict:
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and info.device.type == "cuda")
     mode = distributed.resolve_mode(cfg.parallel, info.world_size)
     model = distributed.parallelize(model, mode, info, param_dtype=torch.bfloat16 if bf16 else None)
-    optimizer = _optimizer(model, cfg, info.device)
+    optimizer = _optimizer(model, cfg, info.device, fsdp=mode == "fsdp")
     micro_packs = cfg.packs_per_step // cfg.grad_accum
     batches = dataset.batches(micro_packs, info.rank, info.world_size, seed=cfg.seed)
     # FSDP casts parameters itself; otherwise autocast runs the matmuls in bf16 over fp32 weights.
