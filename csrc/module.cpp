@@ -3,10 +3,12 @@
 #include <pybind11/pybind11.h>
 
 #include "packing.h"
+#include "tokenizer.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "agentflan native extension: sequence packing";
   agentflan::packing::register_packing(m);
+  agentflan::tokenizer::register_tokenizer(m);
 }
