@@ -159,3 +159,45 @@ def save_hf(
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(folder / INDEX_FILE, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ---- resumable training state (model + optimizer + step), sharded with torch.distributed.checkpoint ----
+
+TRAIN_STATE_PREFIX = "step_"
+
+
+def save_train_state(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Saves model and optimizer state for resuming (collective: every rank calls it; each writes its shards)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(folder)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # Written last: a folder without it is an interrupted save and is never resumed from.
+        (folder / "train_state.json").write_text(json.dumps({"step": step}))
+
+
+def load_train_state(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restores what save_train_state wrote into an identically built model and optimizer; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(folder)
+    meta = folder / "train_state.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder}: no train_state.json (not a training checkpoint, or its save was interrupted)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(json.loads(meta.read_text())["step"])
+
+
+def latest_train_state(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete training checkpoint under run_dir/checkpoints, if any."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in root.glob(f"{TRAIN_STATE_PREFIX}*") if (p / "train_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.removeprefix(TRAIN_STATE_PREFIX)), default=None)

@@ -52,7 +52,9 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     log_every: int = 10
-    save: bool = True
+    save: bool = True  # a Hugging Face checkpoint of the final model
+    save_every: int = 0  # steps between resumable training checkpoints (0: none)
+    resume: bool = False  # continue from the newest training checkpoint in out_dir
 
     def __post_init__(self) -> None:
         if self.packs_per_step % self.grad_accum != 0:
@@ -115,7 +117,15 @@ def train(cfg: TrainConfig) -> dict:
     model = distributed.parallelize(model, mode, info, param_dtype=torch.bfloat16 if bf16 else None)
     optimizer = _optimizer(model, cfg, info.device, fsdp=mode == "fsdp")
     micro_packs = cfg.packs_per_step // cfg.grad_accum
-    batches = dataset.batches(micro_packs, info.rank, info.world_size, seed=cfg.seed)
+    start_step = 0
+    if cfg.resume:
+        latest = checkpoint.latest_train_state(cfg.out_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no complete training checkpoint under {cfg.out_dir}/checkpoints")
+        start_step = checkpoint.load_train_state(latest, model, optimizer)
+        say(f"resumed from {latest} at step {start_step}")
+    # Data order is a pure function of (seed, batch index): resuming skips ahead without replaying.
+    batches = dataset.batches(micro_packs, info.rank, info.world_size, seed=cfg.seed, start_batch=start_step * cfg.grad_accum)
     # FSDP casts parameters itself; otherwise autocast runs the matmuls in bf16 over fp32 weights.
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16 and mode != "fsdp")
 
@@ -124,12 +134,13 @@ def train(cfg: TrainConfig) -> dict:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        log_file = open(out_dir / "metrics.jsonl", "w")
+        log_file = open(out_dir / "metrics.jsonl", "a" if cfg.resume else "w")
 
     history: list[float] = []
     tokens_seen = 0
     t_train = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.steps), disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True,
+               initial=start_step, total=cfg.steps)
     for step in bar:
         t_step = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -179,6 +190,8 @@ def train(cfg: TrainConfig) -> dict:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            checkpoint.save_train_state(out_dir / "checkpoints" / f"{checkpoint.TRAIN_STATE_PREFIX}{step + 1}", model, optimizer, step + 1)
         if info.is_main and ((step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == cfg.steps):
             bar.write(
                 f"step {step + 1:5d}/{cfg.steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
@@ -200,6 +213,7 @@ def train(cfg: TrainConfig) -> dict:
         "last_loss": history[-1],
         "last10_mean_loss": sum(tail) / len(tail),
         "steps": cfg.steps,
+        "start_step": start_step,
         "tokens": tokens_seen,
         "tokens_per_s": tokens_seen / train_time,
         "train_time_s": train_time,

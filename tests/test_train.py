@@ -85,3 +85,32 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 def test_config_rejects_bad_accumulation():
     with pytest.raises(ValueError, match="multiple of grad_accum"):
         TrainConfig(packs_per_step=3, grad_accum=2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Steps after resuming from a training checkpoint equal those of the uninterrupted run."""
+    import shutil
+
+    from agentflan.train import main
+
+    seed = str(int.from_bytes(os.urandom(2), "little"))
+    common = ["--steps", "5", "--preset", "micro", "--pack-len", "256", "--packs-per-step", "2",
+              "--warmup-steps", "1", "--seed", seed, "--no-save", "--save-every", "2"]
+    main([*common, "--out-dir", str(tmp_path / "full")])
+    full = _step_losses(tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    main([*common, "--out-dir", str(resumed), "--resume"])
+    after = _step_losses(resumed)
+    assert len(after) == 3
+    assert after == pytest.approx(full[2:], rel=1e-6), (seed, full, after)
+
+
+def test_resume_without_checkpoint_fails_clearly(tmp_path):
+    from agentflan.train import main
+
+    with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
+        main(["--steps", "1", "--preset", "micro", "--pack-len", "256", "--out-dir", str(tmp_path), "--resume"])
