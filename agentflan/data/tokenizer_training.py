@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import sentencepiece as spm
+try:  # only tokenizer training needs the sentencepiece library; agentflan's own tokenizer does not
+    import sentencepiece as spm
+except ImportError as err:
+    raise ImportError("training a tokenizer needs sentencepiece: pip install 'agentflan[tools]'") from err
 
 from agentflan.data.conversation import read_agentflan_jsonl
 from agentflan.data.templates import (
