@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agentflan.data.conversation import DataFormatError, Message, read_agentflan_jsonl
+from agentflan.data.conversation import Conversation, DataFormatError, Message, read_agentflan_jsonl
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -110,3 +110,39 @@ def test_invalid_utf8_reports_its_line(tmp_path: Path) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         list(read_agentflan_jsonl(tmp_path / "nowhere.jsonl"))
+
+
+def test_tool_role_is_read_and_never_trained(tmp_path: Path) -> None:
+    path = _write(tmp_path / "tool.jsonl", [json.dumps({"id": "t", "conversation": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "call"},
+        {"role": "tool", "content": "{\"ok\": true}", "loss": True}, {"role": "assistant", "content": "a"}]})])
+    (conv,) = read_agentflan_jsonl(path)
+    assert [m.role for m in conv.messages] == ["user", "assistant", "tool", "assistant"]
+    assert [m.trained for m in conv.messages] == [False, True, False, True]
+    assert conv.has_trained_turn
+    assert not Conversation("x", [Message("tool", "obs", True), Message("user", "u", None)], "f", 1).has_trained_turn
+    assert not Conversation("x", [], "f", 1).has_trained_turn
+
+
+def test_errors_carry_kind_and_position() -> None:
+    jsonl = DataFormatError("data/a.jsonl", 7, "invalid JSON (x)", kind="invalid JSON")
+    assert str(jsonl) == "data/a.jsonl:7: invalid JSON (x)" and jsonl.offset is None and jsonl.kind == "invalid JSON"
+    array = DataFormatError("data/b.json", 3, "record is int, expected an object", offset=1234, kind="not an object")
+    assert str(array) == "data/b.json: byte 1234 (line 3): record is int, expected an object"
+    assert (array.path, array.line, array.offset, array.reason) == ("data/b.json", 3, 1234,
+                                                                   "record is int, expected an object")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_line_kinds(tmp_path: Path, case: str) -> None:
+    bad, _ = BAD_LINES[case]
+    path = _write(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(DataFormatError) as info:
+        list(read_agentflan_jsonl(path))
+    expected = {"truncated JSON": "invalid JSON", "record without conversation": "missing conversation",
+                "conversation not a list": "bad conversation", "empty conversation": "empty conversation",
+                "record not an object": "not an object", "record without id": "missing id",
+                "message without role": "bad message", "message without content": "bad message",
+                "message not an object": "bad message", "content not a string": "bad content",
+                "unknown role": "unknown role", "string loss": "bad loss", "integer loss": "bad loss"}
+    assert info.value.kind == expected[case]

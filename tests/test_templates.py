@@ -8,7 +8,12 @@ import sentencepiece as spm
 from agentflan.data.conversation import Conversation, Message, read_agentflan_jsonl
 from agentflan.data.defaults import DEFAULT_TOKENIZER
 from agentflan.data.synthetic import write_corpus
-from agentflan.data.templates import TEMPLATES, agentflan_end_of_turn_id, encode_conversation
+from agentflan.data.templates import (
+    TEMPLATES,
+    agentflan_end_of_turn_id,
+    encode_conversation,
+    encode_conversations,
+)
 from agentflan.tokenizer import Tokenizer
 
 
@@ -58,6 +63,32 @@ HAND_UNTRAINED = ["You can call get_weather(city).", "Is it raining in Oslo?",
                   "And tomorrow?"]
 
 
+def bare(tok: Tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` at the start of a line in running text (no dummy prefix)."""
+    newline = tok.encode("\n")
+    ids = tok.encode("\n" + text)
+    assert ids[: len(newline)] == newline
+    return ids[len(newline):]
+
+
+def trained_texts(conv: Conversation, template: str, tok: Tokenizer) -> list[tuple[str, list[int]]]:
+    """Each trained turn's text and the ids it must have in place: after a space (the
+    agentflan and llama2-chat answers, a plain answer with no prompt) or at the start of a
+    line (a plain answer after its prompt's blank line)."""
+    out = []
+    prompt = False
+    for m in conv.messages:
+        if m.role != "assistant":
+            prompt = prompt or bool(m.content.strip())
+            continue
+        text = m.content.strip()
+        if m.trained:
+            in_line = template == "plain" and prompt
+            out.append((text, bare(tok, text) if in_line else tok.encode(text)))
+        prompt = False
+    return out
+
+
 def check_mask(tok: Tokenizer, conv: Conversation, template: str) -> None:
     """The masked tokens are exactly each trained assistant content plus the turn's closing token."""
     enc = encode_conversation(conv, tok, template)
@@ -66,12 +97,12 @@ def check_mask(tok: Tokenizer, conv: Conversation, template: str) -> None:
     assert enc.ids[0] == tok.bos_id
     assert set(np.unique(enc.loss_mask).tolist()) <= {0, 1}
     end = end_id(tok, template)
-    trained = [m.content.strip() for m in conv.messages if m.trained]
+    trained = trained_texts(conv, template, tok)
     runs = mask_runs(enc.loss_mask)
     assert len(runs) == len(trained), (conv.id, template)
-    for run, text in zip(runs, trained):
+    for run, (text, expected) in zip(runs, trained):
         ids = enc.ids[run].tolist()
-        assert ids == tok.encode(text) + [end], (conv.id, template, text)
+        assert ids == expected + [end], (conv.id, template, text)
         assert tok.decode(ids[:-1]) == text
     # Everything left unmasked still carries every system, user and untrained assistant text.
     rest = tok.decode(enc.ids[enc.loss_mask == 0].tolist())
@@ -86,7 +117,8 @@ def test_hand_checked_mask_in_every_template(tok: Tokenizer, template: str) -> N
     enc = encode_conversation(HAND, tok, template)
     masked = enc.ids[enc.loss_mask == 1].tolist()
     end = end_id(tok, template)
-    assert masked == tok.encode(HAND_TRAINED[0]) + [end] + tok.encode(HAND_TRAINED[1]) + [end]
+    encode = (lambda t: bare(tok, t)) if template == "plain" else tok.encode  # plain answers start a line
+    assert masked == encode(HAND_TRAINED[0]) + [end] + encode(HAND_TRAINED[1]) + [end]
     runs = mask_runs(enc.loss_mask)
     end_text = "<|eot|>" if template == "agentflan" else ""  # EOS is a control id and decodes to nothing
     assert [tok.decode(enc.ids[r].tolist()) for r in runs] == [t + end_text for t in HAND_TRAINED]
@@ -182,5 +214,96 @@ def test_tokenizer_without_end_of_turn_piece_closes_agentflan_turns_with_eos(tmp
 
 
 def test_unknown_template_is_rejected_with_the_known_names(tok: Tokenizer) -> None:
-    with pytest.raises(ValueError, match=r"unknown chat template 'chatml'.*agentflan.*llama2-chat"):
+    with pytest.raises(ValueError, match=r"unknown chat template 'chatml'.*agentflan.*llama2-chat.*plain"):
         encode_conversation(HAND, tok, "chatml")
+
+
+def test_plain_hand_checked_ids(tok: Tokenizer) -> None:
+    # Each exchange tokenizes as its own string (dummy prefix included) between BOS and EOS.
+    exchanges = [
+        f"You can call get_weather(city).\n\nIs it raining in Oslo?\n\n{HAND_TRAINED[0]}",
+        "{\"condition\": \"light rain\", \"temperature\": 4}\n\nExample answer that must not be learned.",
+        f"And tomorrow?\n\n{HAND_TRAINED[1]}",
+    ]
+    expected = [i for ex in exchanges for i in [tok.bos_id] + tok.encode(ex) + [tok.eos_id]]
+    assert encode_conversation(HAND, tok, "plain").ids.tolist() == expected
+
+
+def test_plain_answer_without_prompt_empty_turns_and_trailing_prompt(tok: Tokenizer) -> None:
+    conv = make(("system", "  "), ("assistant", "first"), ("user", ""), ("assistant", "second", True),
+                ("user", "q"), ("assistant", " "), ("tool", "obs"), ("user", "tail"))
+    expected = ([tok.bos_id] + tok.encode("first") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("second") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("q\n\n") + [tok.eos_id]
+                + [tok.bos_id] + tok.encode("obs\n\ntail"))
+    enc = encode_conversation(conv, tok, "plain")
+    assert enc.ids.tolist() == expected
+    check_mask(tok, conv, "plain")
+    # The empty answer still trains its EOS.
+    assert [enc.ids[r].tolist() for r in mask_runs(enc.loss_mask)] == [
+        tok.encode("first") + [tok.eos_id], tok.encode("second") + [tok.eos_id], [tok.eos_id]]
+
+
+# A ToolBench-style trajectory: tool observations as their own role.
+TOOL = make(
+    ("system", "You can call get_weather(city)."),
+    ("user", "Weather in Oslo?"),
+    ("assistant", "\nThought: look it up.\nAction: get_weather\nAction Input: {\"city\": \"Oslo\"}"),
+    ("tool", "{\"error\": \"\", \"response\": \"light rain, 4 C\"}", True),
+    ("assistant", "It is raining lightly in Oslo, 4 C."),
+)
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_tool_observations_render_untrained_in_every_template(tok: Tokenizer, template: str) -> None:
+    check_mask(tok, TOOL, template)
+    enc = encode_conversation(TOOL, tok, template)
+    observation = TOOL.messages[3].content
+    assert observation in tok.decode(enc.ids[enc.loss_mask == 0].tolist())
+    assert "raining" not in tok.decode(enc.ids[enc.loss_mask == 0].tolist())
+    # A tool turn renders exactly like the same text given as a user turn (the Agent-FLAN
+    # release writes observations as user turns): the model sees one format for both.
+    as_user = make(*[(m.role if m.role != "tool" else "user", m.content, m.loss) for m in TOOL.messages])
+    same = encode_conversation(as_user, tok, template)
+    assert enc.ids.tolist() == same.ids.tolist() and enc.loss_mask.tolist() == same.loss_mask.tolist()
+
+
+def test_agentflan_renders_tool_turns_as_human_turns(tok: Tokenizer) -> None:
+    text = ("<|System|>: You can call get_weather(city).\n<|Human|>: Weather in Oslo?\n"
+            "<|Assistant|>: Thought: look it up.\nAction: get_weather\nAction Input: {\"city\": \"Oslo\"}<|eot|>\n"
+            "<|Human|>: {\"error\": \"\", \"response\": \"light rain, 4 C\"}\n"
+            "<|Assistant|>: It is raining lightly in Oslo, 4 C.<|eot|>")
+    assert encode_conversation(TOOL, tok, "agentflan").ids.tolist() == [tok.bos_id] + strip_dummy_prefix(
+        tok, tok.encode(text))
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_batch_encoding_equals_one_by_one(tok: Tokenizer, tmp_path: Path, template: str) -> None:
+    seed = random.SystemRandom().randrange(2**32)
+    path = tmp_path / "fresh.jsonl"
+    write_corpus(path, n=60, seed=seed)
+    convs = list(read_agentflan_jsonl(path)) + [HAND, TOOL, make(("user", "only a question"))]
+    batch = encode_conversations(convs, tok, template, num_threads=2)
+    assert len(batch) == len(convs) and batch.offsets[0] == 0 and batch.offsets[-1] == len(batch.ids)
+    for i, conv in enumerate(convs):
+        one = encode_conversation(conv, tok, template)
+        assert batch[i].ids.tolist() == one.ids.tolist(), f"seed {seed}, {conv.id}"
+        assert batch[i].loss_mask.tolist() == one.loss_mask.tolist(), f"seed {seed}, {conv.id}"
+    empty = encode_conversations([], tok, template)
+    assert len(empty) == 0 and len(empty.ids) == 0
+
+
+def test_merging_newline_is_reported_with_the_conversation(tok: Tokenizer, tmp_path: Path) -> None:
+    # A tokenizer with a piece spanning a newline and text cannot encode segments bare.
+    lines = ["\nAction: go now\nAction: stop\n" * 3 for _ in range(200)]
+    model = tmp_path / "merging.model"
+    with open(model, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, model_type="bpe", vocab_size=280, byte_fallback=True,
+            add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            user_defined_symbols=["\nAction:"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+            minloglevel=2)
+    merging = Tokenizer(model)
+    conv = Conversation("odd", [Message("user", "hi", None), Message("assistant", "Action: go", None)], "x.jsonl", 7)
+    with pytest.raises(ValueError, match=r"x\.jsonl:7: conversation 'odd': cannot encode .*dummy prefix"):
+        encode_conversation(conv, merging, "plain")

@@ -1,17 +1,23 @@
-"""From Agent-FLAN JSONL files to packed, loss-masked batches for the trainer."""
+"""From conversation files to packed, loss-masked batches for the trainer (in memory).
+
+For corpora too large to tokenize at every start, tools/prepare_data.py writes packed
+shards once and `agentflan.data.loader.PreparedDataset` serves them the same way.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from agentflan.data.conversation import read_agentflan_jsonl
 from agentflan.data.packing import PackedBatch, PackPlan, build_batch, plan_packs
-from agentflan.data.templates import encode_conversation
+from agentflan.data.sources import SourceReader
+from agentflan.data.templates import encode_conversations
 from agentflan.tokenizer import Tokenizer
+
+ENCODE_BATCH = 512  # conversations tokenized per call (the tokenizer spreads each call over all cores)
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,7 @@ class EncodedCorpus:
     doc_offsets: np.ndarray  # int64 (n_docs+1,)
     n_read: int  # conversations read from the files
     n_untrained: int  # conversations left out because no token in them is trained
+    reports: list[str] = field(default_factory=list)  # one line per file: counts, skips, truncation
 
     @property
     def n_docs(self) -> int:
@@ -31,26 +38,53 @@ class EncodedCorpus:
         return int(self.loss_mask.sum())
 
 
-def encode_jsonl(paths: Sequence[str | os.PathLike], tokenizer: Tokenizer, template: str) -> EncodedCorpus:
-    """Reads and tokenizes every conversation; malformed lines raise with file and line."""
-    chunks: list[np.ndarray] = []
+def encode_files(
+    paths: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    template: str,
+    format: str = "auto",
+    skip_bad: bool = False,
+) -> EncodedCorpus:
+    """Reads and tokenizes every conversation of the files (any supported source format).
+
+    Strict by default: a malformed record raises with its file and line or byte offset;
+    with skip_bad it is skipped and counted in the file's report line.
+    """
+    ids: list[np.ndarray] = []
     masks: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     n_read = n_untrained = 0
+    reports = []
+
+    def flush(convs: list) -> None:
+        enc = encode_conversations(convs, tokenizer, template, num_threads=0)
+        doc_len = np.diff(enc.offsets)
+        trained_before = np.concatenate([[0], np.cumsum(enc.loss_mask, dtype=np.int64)])
+        trained = trained_before[enc.offsets[1:]] > trained_before[enc.offsets[:-1]]  # (n_convs,)
+        keep = np.repeat(trained, doc_len)
+        ids.append(enc.ids[keep])
+        masks.append(enc.loss_mask[keep])
+        lengths.append(doc_len[trained])
+
     for path in paths:
-        for conv in read_agentflan_jsonl(path):
+        reader = SourceReader(path, format, skip_bad=skip_bad)
+        pending: list = []
+        for conv in reader:
             n_read += 1
-            enc = encode_conversation(conv, tokenizer, template)
-            if not enc.loss_mask.any():
-                n_untrained += 1  # nothing to learn from; counted and reported by the caller
-                continue
-            chunks.append(enc.ids)
-            masks.append(enc.loss_mask)
-    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
-    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(0, np.int32)
-    mask = np.concatenate(masks).astype(np.uint8) if masks else np.zeros(0, np.uint8)
-    return EncodedCorpus(tokens, mask, offsets, n_read, n_untrained)
+            pending.append(conv)
+            if len(pending) == ENCODE_BATCH:
+                flush(pending)
+                pending = []
+        if pending:
+            flush(pending)
+        reports.append(reader.report.summary())
+    doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    n_untrained = n_read - len(doc_len)  # nothing to learn from; counted and reported by the caller
+    offsets = np.zeros(len(doc_len) + 1, dtype=np.int64)
+    np.cumsum(doc_len, out=offsets[1:])
+    tokens = np.concatenate(ids).astype(np.int32, copy=False) if ids else np.zeros(0, np.int32)
+    mask = np.concatenate(masks).astype(np.uint8, copy=False) if masks else np.zeros(0, np.uint8)
+    return EncodedCorpus(tokens, mask, offsets, n_read, n_untrained, reports)
 
 
 class PackedDataset:
@@ -63,6 +97,17 @@ class PackedDataset:
     @property
     def n_packs(self) -> int:
         return self.plan.n_packs
+
+    def summary(self) -> str:
+        c = self.corpus
+        return (
+            f"{c.n_read} conversations read, {c.n_docs} kept, {c.n_untrained} left out (no trained tokens); "
+            f"{len(c.tokens):,} tokens, {c.n_trained_tokens:,} trained; {self.plan.stats.summary()}"
+        )
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.plan.stats.efficiency
 
     def steps_per_epoch(self, packs_per_step: int) -> int:
         """Steps that see every pack at most once; the tail that cannot fill a step is left for the next epoch's shuffle."""
