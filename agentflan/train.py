@@ -10,13 +10,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from agentflan import checkpoint, distributed
 from agentflan.config import get_preset
-from agentflan.data.dataset import PackedDataset, encode_jsonl
+from agentflan.data.dataset import PackedDataset, encode_files
+from agentflan.data.loader import PreparedDataset
+from agentflan.data.prepare import sha256_file
 from agentflan.data.defaults import DEFAULT_CORPUS, DEFAULT_TOKENIZER
 from agentflan.model import Llama
 from agentflan.tokenizer import Tokenizer
@@ -28,8 +31,10 @@ class TrainConfig:
     preset: str = "tiny"
     init_from: str | None = None
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | reference
-    # data
+    # data: conversation files (tokenized and packed at start) or one tools/prepare_data.py folder
     data: list[str] = field(default_factory=lambda: [str(DEFAULT_CORPUS)])
+    data_format: str = "auto"  # agentflan | agentinstruct | toolbench | sharegpt | auto
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     tokenizer: str = str(DEFAULT_TOKENIZER)
     template: str = "agentflan"
     pack_len: int = 1024
@@ -94,6 +99,22 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, f
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" and not fsdp)
 
 
+def _load_data(cfg: TrainConfig, tokenizer: Tokenizer, say: Callable[[str], None]) -> PackedDataset | PreparedDataset:
+    if len(cfg.data) == 1 and Path(cfg.data[0]).is_dir():
+        dataset = PreparedDataset(cfg.data[0])
+        expected = dataset.manifest["tokenizer"]["sha256"]
+        if sha256_file(cfg.tokenizer) != expected:
+            raise ValueError(
+                f"{cfg.data[0]} was tokenized with {dataset.manifest['tokenizer']['name']} (sha256 {expected[:12]}...), "
+                f"not with {cfg.tokenizer}: pass the same --tokenizer"
+            )
+        return dataset
+    corpus = encode_files(cfg.data, tokenizer, cfg.template, cfg.data_format, cfg.skip_bad)
+    for line in corpus.reports:
+        say(f"read {line}")
+    return PackedDataset(corpus, cfg.pack_len, cfg.overlong)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs the configured training; returns a summary (first/last loss, tokens/s, wall time)."""
     t_start = time.perf_counter()
@@ -102,13 +123,8 @@ def train(cfg: TrainConfig) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
 
     tokenizer = Tokenizer(cfg.tokenizer)
-    corpus = encode_jsonl(cfg.data, tokenizer, cfg.template)
-    dataset = PackedDataset(corpus, cfg.pack_len, cfg.overlong)
-    say(
-        f"data: {corpus.n_read} conversations read, {corpus.n_docs} kept, "
-        f"{corpus.n_untrained} left out (no trained tokens); {len(corpus.tokens):,} tokens, "
-        f"{corpus.n_trained_tokens:,} trained\npacking: {dataset.plan.stats.summary()}"
-    )
+    dataset = _load_data(cfg, tokenizer, say)
+    say(f"data: {dataset.summary()}")
 
     model = _build_model(cfg, tokenizer.vocab_size, info.device)
     say(f"model: {cfg.init_from or cfg.preset}, {model.config.num_params() / 1e6:.2f}M parameters, device {info.device}")
@@ -218,7 +234,7 @@ def train(cfg: TrainConfig) -> dict:
         "tokens_per_s": tokens_seen / train_time,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
-        "packing_efficiency": dataset.plan.stats.efficiency,
+        "packing_efficiency": dataset.packing_efficiency,
         "world_size": info.world_size,
         "parallel": mode,
     }

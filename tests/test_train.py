@@ -114,3 +114,38 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
         main(["--steps", "1", "--preset", "micro", "--pack-len", "256", "--out-dir", str(tmp_path), "--resume"])
+
+
+def test_prepared_folder_trains_exactly_like_the_jsonl_it_came_from(tmp_path):
+    from agentflan.data.defaults import DEFAULT_CORPUS
+    from agentflan.train import main
+
+    prep = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), str(tmp_path / "prepared"),
+         "--source", str(DEFAULT_CORPUS), "--pack-len", "256"],
+        capture_output=True, text=True,
+    )
+    assert prep.returncode == 0, prep.stdout + prep.stderr
+    seed = str(int.from_bytes(os.urandom(2), "little"))
+    common = ["--steps", "3", "--preset", "micro", "--pack-len", "256", "--packs-per-step", "2",
+              "--warmup-steps", "1", "--seed", seed, "--no-save"]
+    main([*common, "--out-dir", str(tmp_path / "jsonl")])
+    main([*common, "--data", str(tmp_path / "prepared"), "--out-dir", str(tmp_path / "shards")])
+    assert _step_losses(tmp_path / "jsonl") == pytest.approx(_step_losses(tmp_path / "shards"), rel=1e-6), seed
+
+
+def test_prepared_folder_rejects_another_tokenizer(tmp_path):
+    from agentflan.data.defaults import DEFAULT_CORPUS
+    from agentflan.train import main
+
+    prep = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), str(tmp_path / "prepared"),
+         "--source", str(DEFAULT_CORPUS), "--pack-len", "256"],
+        capture_output=True, text=True,
+    )
+    assert prep.returncode == 0, prep.stderr
+    mistral_common = pytest.importorskip("mistral_common", reason="needs a second real tokenizer model")
+    other = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    with pytest.raises(ValueError, match="pass the same --tokenizer"):
+        main(["--steps", "1", "--preset", "micro", "--data", str(tmp_path / "prepared"),
+              "--tokenizer", str(other), "--out-dir", str(tmp_path / "run")])
