@@ -1,7 +1,8 @@
 """Kernels for packed-sequence training, imported as ``agentflan.kernels``.
 
 `reference` holds the PyTorch ground truth for every op. The Triton kernels live one
-file per op; `resolve_ops` picks the set the model runs with.
+file per op; `resolve_ops` picks the set the model runs with. Importing this package
+does not import Triton: `flash_attn_varlen` is looked up lazily, on first use.
 """
 
 from __future__ import annotations
@@ -31,3 +32,13 @@ def resolve_ops(backend: str, device: torch.device) -> Ops:
     from agentflan.kernels import triton_ops
 
     return triton_ops
+
+
+def __getattr__(name: str) -> object:
+    # Lazy export: the Triton kernel module loads only when its function is asked for,
+    # so this package imports on machines without Triton.
+    if name == "flash_attn_varlen":
+        from agentflan.kernels.flash_attention import flash_attn_varlen
+
+        return flash_attn_varlen
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ import triton
 
 # 227 KB: the most shared memory one block may use on H100 (228 KB per SM, 1 KB reserved).
 MAX_SHARED_BYTES = 232448
-KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy")
+KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention")
 
 
 @dataclass
