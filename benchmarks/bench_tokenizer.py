@@ -82,7 +82,7 @@ def hf_tokenizer(model: Path) -> tuple[object | None, str]:
         from transformers import LlamaTokenizer
     except ImportError as err:
         return None, f"transformers is not importable ({err})"
-    if importlib.util.find_spec("google.protobuf") is None:
+    if importlib.util.find_spec("google") is None or importlib.util.find_spec("google.protobuf") is None:
         return None, "transformers needs the protobuf package to convert a .model file"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.model").symlink_to(model)
