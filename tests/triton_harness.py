@@ -373,7 +373,12 @@ def install_bf16_emulation() -> bool:
 
         return scan
 
+    def get_bf16(self, value):
+        # A bf16 scalar constant; the triton 3.6 interpreter has no builder for it at all.
+        return handle_cls(f32_to_bf16_bits(np.array([value], dtype=np.float32)), bf16)
+
     for name, fn in (
+        ("get_bf16", get_bf16),
         ("binary_op", binary_op), ("unary_op", unary_op), ("create_fma", create_fma),
         ("create_clampf", create_clampf), ("cast_impl", cast_impl), ("create_fp_to_fp", create_fp_to_fp),
         ("create_dot", create_dot), ("create_atomic_rmw", create_atomic_rmw),
