@@ -116,25 +116,37 @@ class PackedDataset:
     def batches(
         self, packs_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
     ) -> Iterator[PackedBatch]:
-        """An endless stream of this rank's batches of `packs_per_batch` packs.
+        """An endless stream of this rank's batches of `packs_per_batch` packs (see `pack_schedule`)."""
+        for packs in pack_schedule(self.n_packs, packs_per_batch, rank, world_size, seed, start_batch):
+            yield build_batch(self.plan, packs, self.corpus.tokens, self.corpus.doc_offsets, self.corpus.loss_mask)
 
-        Global batch b takes packs [b*G, (b+1)*G) of the epoch's permutation (G = packs_per_batch
-        * world_size); rank r takes its contiguous slice of that, so ranks never share a pack.
-        """
-        global_packs = packs_per_batch * world_size
-        per_epoch = self.n_packs // global_packs
-        if per_epoch == 0:
-            raise ValueError(
-                f"{self.n_packs} packs cannot fill one global batch of {global_packs} packs "
-                f"({packs_per_batch} per rank x {world_size} ranks): lower the batch size or pack length"
-            )
-        batch = start_batch
-        while True:
-            epoch, index = divmod(batch, per_epoch)
-            order = np.random.default_rng([seed, epoch]).permutation(self.n_packs)
+
+def pack_schedule(
+    n_packs: int, packs_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
+) -> Iterator[np.ndarray]:
+    """This rank's pack indices for global batches start_batch, start_batch+1, ... (endless).
+
+    Global batch b takes packs [b*G, (b+1)*G) of its epoch's seeded permutation (G =
+    packs_per_batch * world_size; the tail that cannot fill a global batch waits for the
+    next epoch's shuffle); rank r takes its contiguous slice, so ranks never share a pack.
+    The schedule is a pure function of its arguments, so resuming at batch k replays nothing.
+    """
+    if packs_per_batch < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0:
+        raise ValueError(
+            f"need packs_per_batch >= 1, world_size >= 1, 0 <= rank < world_size and start_batch >= 0; "
+            f"got {packs_per_batch}, {world_size}, {rank}, {start_batch}"
+        )
+    global_packs = packs_per_batch * world_size
+    per_epoch = n_packs // global_packs
+    if per_epoch == 0:
+        raise ValueError(
+            f"{n_packs} packs cannot fill one global batch of {global_packs} packs "
+            f"({packs_per_batch} per rank x {world_size} ranks): lower the batch size or pack length"
+        )
+    epoch, first = divmod(start_batch, per_epoch)
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(n_packs)  # drawn once per epoch
+        for index in range(first, per_epoch):
             start = index * global_packs + rank * packs_per_batch
-            yield build_batch(
-                self.plan, order[start : start + packs_per_batch],
-                self.corpus.tokens, self.corpus.doc_offsets, self.corpus.loss_mask,
-            )
-            batch += 1
+            yield order[start : start + packs_per_batch]
+        epoch, first = epoch + 1, 0

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from agentflan.data.dataset import pack_schedule
 from agentflan.data.packing import PackedBatch, PackPlan, PackStats, build_batch
 
 FORMAT_NAME = "agentflan-packed"
@@ -93,8 +94,6 @@ class PreparedDataset:
             if isinstance(err, PreparedDatasetError):
                 raise
             raise PreparedDatasetError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
-        self._order_key: tuple[int, int] | None = None
-        self._order = np.zeros(0, dtype=np.int64)
 
     def _open_shards(self, manifest: dict[str, Any]) -> None:
         self.pack_len = int(manifest["pack_len"])
@@ -174,13 +173,6 @@ class PreparedDataset:
         a, b = int(bounds[0]), int(bounds[-1])
         return np.array(shard.tokens[a:b]), np.array(shard.loss_mask[a:b]), bounds - a
 
-    def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        # The permutation of PackedDataset.batches, drawn once per epoch instead of per batch.
-        if self._order_key != (seed, epoch):
-            self._order = np.random.default_rng([seed, epoch]).permutation(self.n_packs)
-            self._order_key = (seed, epoch)
-        return self._order
-
     def _build(self, packs: np.ndarray) -> PackedBatch:
         shard_of = np.searchsorted(self._pack_starts, packs, side="right") - 1
         cuts = np.flatnonzero(np.diff(shard_of)) + 1
@@ -209,24 +201,6 @@ class PreparedDataset:
         self, packs_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_batch: int = 0
     ) -> Iterator[PackedBatch]:
         """An endless stream of this rank's batches of ``packs_per_batch`` packs, exactly as
-        ``PackedDataset.batches``: global batch b takes packs [b*G, (b+1)*G) of the epoch's
-        seeded permutation (G = packs_per_batch * world_size, the tail that cannot fill a
-        global batch waits for the next epoch's shuffle), rank r its contiguous slice of
-        that, so ranks never share a pack; ``start_batch=k`` starts at global batch k."""
-        if packs_per_batch < 1 or world_size < 1 or not 0 <= rank < world_size or start_batch < 0:
-            raise ValueError(f"need packs_per_batch >= 1, world_size >= 1, 0 <= rank < world_size and "
-                             f"start_batch >= 0; got {packs_per_batch}, {world_size}, {rank}, {start_batch}")
-        global_packs = packs_per_batch * world_size
-        per_epoch = self.n_packs // global_packs
-        if per_epoch == 0:
-            raise ValueError(
-                f"{self.n_packs} packs cannot fill one global batch of {global_packs} packs "
-                f"({packs_per_batch} per rank x {world_size} ranks): lower the batch size or pack length"
-            )
-        batch = start_batch
-        while True:
-            epoch, index = divmod(batch, per_epoch)
-            order = self._epoch_order(seed, epoch)
-            start = index * global_packs + rank * packs_per_batch
-            yield self._build(order[start: start + packs_per_batch])
-            batch += 1
+        ``PackedDataset.batches`` (the same ``pack_schedule``)."""
+        for packs in pack_schedule(self.n_packs, packs_per_batch, rank, world_size, seed, start_batch):
+            yield self._build(packs)
