@@ -72,8 +72,8 @@ def main() -> None:
             # The fused kernel's fp32 weight-gradient accumulator (more than one chunk here).
             accumulator = w.numel() * 4 if name == "triton fused" else 0
             with torch.no_grad():  # the loss alone: with grads on, the fused forward also computes them
-                fwd_ms = bench(lambda fn=fn: fn(h, w, labels))
-            step = lambda fn=fn: fn(h, w, labels).backward()  # noqa: E731
+                fwd_ms = bench(lambda fn=fn, h=h, w=w: fn(h, w, labels))
+            step = lambda fn=fn, h=h, w=w: fn(h, w, labels).backward()  # noqa: E731
             step_ms = bench(step, grad_to_none=[h, w])
             h.grad = w.grad = None
             extra = peak_memory(step) - grads

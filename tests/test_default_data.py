@@ -20,10 +20,6 @@ def corpus() -> list[Conversation]:
     return list(read_agentflan_jsonl(DEFAULT_CORPUS))
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(DEFAULT_TOKENIZER)
-
 
 def test_shipped_corpus_is_the_generator_output_byte_for_byte() -> None:
     assert DEFAULT_CORPUS.read_bytes() == corpus_bytes()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from agentflan.data.dataset import PackedDataset, encode_files
-from agentflan.data.defaults import DEFAULT_TOKENIZER
 from agentflan.data.loader import PreparedDataset, PreparedDatasetError
 from agentflan.data.packing import PackedBatch
 from agentflan.data.prepare import prepare
@@ -22,23 +20,12 @@ from agentflan.tokenizer import Tokenizer
 FIELDS = ("input_ids", "labels", "loss_mask", "cu_seqlens", "position_ids")
 
 
-@pytest.fixture(scope="module")
-def seed() -> int:
-    pinned = os.environ.get("AGENTFLAN_TEST_SEED")
-    value = int(pinned) if pinned else random.SystemRandom().randrange(2**32)
-    print(f"AGENTFLAN_TEST_SEED={value}")
-    return value
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(DEFAULT_TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory, seed: int) -> Path:
+def corpus(tmp_path_factory: pytest.TempPathFactory, module_seed: int) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "fresh.jsonl"
-    write_corpus(path, n=250, seed=seed)
+    write_corpus(path, n=250, seed=module_seed)
     return path
 
 

@@ -34,17 +34,6 @@ WORDS = ["weather", "Oslo", "tool", "answer", "the", "call", "result", "temperat
          "price", "{\"x\": 1}", "\u00e9t\u00e9", "\u4e2d\u6587", "\U0001F99C", "42", "Thought:", "Action:", "\\n"]
 
 
-@pytest.fixture
-def seed() -> int:
-    pinned = os.environ.get("AGENTFLAN_TEST_SEED")
-    value = int(pinned) if pinned else random.SystemRandom().randrange(2**32)
-    print(f"AGENTFLAN_TEST_SEED={value}")
-    return value
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(DEFAULT_TOKENIZER)
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:

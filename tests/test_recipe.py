@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +21,6 @@ from agentflan.data.recipe import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def seed() -> int:
-    pinned = os.environ.get("AGENTFLAN_TEST_SEED")
-    value = int(pinned) if pinned else random.SystemRandom().randrange(2**32)
-    print(f"AGENTFLAN_TEST_SEED={value}")
-    return value
 
 
 @pytest.fixture

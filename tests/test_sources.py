@@ -8,7 +8,6 @@ messages (AGENTFLAN_TEST_SEED=<seed> replays one).
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,13 +16,6 @@ import pytest
 from agentflan.data.conversation import DataFormatError, Message, read_agentflan_jsonl
 from agentflan.data.sources import FORMATS, SourceReader, classify_record
 
-
-@pytest.fixture
-def seed() -> int:
-    pinned = os.environ.get("AGENTFLAN_TEST_SEED")
-    value = int(pinned) if pinned else random.SystemRandom().randrange(2**32)
-    print(f"AGENTFLAN_TEST_SEED={value}")
-    return value
 
 
 def build_array(texts: list[str], bom: bool = False) -> tuple[bytes, list[tuple[int, int, int]]]:

@@ -6,7 +6,6 @@ import pytest
 import sentencepiece as spm
 
 from agentflan.data.conversation import Conversation, Message, read_agentflan_jsonl
-from agentflan.data.defaults import DEFAULT_TOKENIZER
 from agentflan.data.synthetic import write_corpus
 from agentflan.data.templates import (
     TEMPLATES,
@@ -16,10 +15,6 @@ from agentflan.data.templates import (
 )
 from agentflan.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(DEFAULT_TOKENIZER)
 
 
 def make(*turns: tuple) -> Conversation:
