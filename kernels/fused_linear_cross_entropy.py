@@ -48,7 +48,6 @@ from agentflan.kernels.cross_entropy import (
     TL_DTYPE,
     TL_LABEL,
     backward_spec,
-    check_runnable,
     forward_spec,
     launch_backward,
     launch_forward,
@@ -56,6 +55,7 @@ from agentflan.kernels.cross_entropy import (
     validate_labels,
     validate_reduction,
 )
+from agentflan.kernels.validate import check_runnable
 
 LOGITS_CHUNK_FRACTION = 0.08  # of the fp32 (N, V) logits size
 MIN_CHUNK_ROWS = 2048
@@ -191,6 +191,11 @@ class _WeightGrad:
             self.acc = None  # free the fp32 buffer as soon as the result is out
 
 
+def _new_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """A new contiguous (N, D) buffer like hidden: its row chunks are matmul outputs."""
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
 def _chunks(n_rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_rows, n_rows)) for start in range(0, n_rows, chunk_rows)]
 
@@ -265,7 +270,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)
         else:
             scale = torch.ones(1, dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+        grad_hidden = _new_rows(hidden) if need_grad_hidden else None
         weight_grad = _WeightGrad(weight, len(_chunks(n_rows, chunk_rows))) if need_grad_weight else None
         _run_chunks(hidden, weight, labels, ignore_index, chunk_rows, loss, lse, scale, grad_hidden, weight_grad)
         ctx.grads = [grad_hidden, weight_grad.grad if weight_grad is not None else None]
@@ -287,9 +292,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             return grad_hidden, grad_weight, None, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         need_grad_hidden, need_grad_weight = ctx.need
-        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+        grad_hidden = _new_rows(hidden) if need_grad_hidden else None
         weight_grad = _WeightGrad(weight, len(_chunks(hidden.shape[0], ctx.chunk_rows))) if need_grad_weight else None
-        scale = grad_output.float().contiguous()  # (N,) per-row upstream gradient
+        scale = grad_output.float()  # (N,) per-row upstream gradient, read with its stride
         _run_chunks(
             hidden, weight, labels, ctx.ignore_index, ctx.chunk_rows, None, lse, scale, grad_hidden, weight_grad
         )
@@ -305,11 +310,22 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, labels) without the (N, V) logits in memory.
+    """cross_entropy(hidden @ weight.T, labels) without the (N, V) logits in memory:
+    reference.linear_cross_entropy's answer.
 
-    hidden: (N, D), weight: (V, D), same dtype (fp32/fp16/bf16); labels: (N,) int32/int64.
-    Returns fp32: a scalar for 'mean' (over non-ignored rows, 0 when all are ignored) and
-    'sum', (N,) for 'none'. chunk_rows overrides the rows per chunk (see default_chunk_rows).
+    hidden: (N, D), weight: (V, D), same dtype (fp32/fp16/bf16); labels: (N,) int32/int64,
+    ignore_index where no loss (a label outside [0, V) otherwise gives NaN, as in
+    cross_entropy). Returns fp32: a scalar for 'mean' (over non-ignored rows, 0 when all
+    are ignored) and 'sum', (N,) for 'none'. chunk_rows overrides the rows per chunk
+    (see default_chunk_rows).
+
+    Layouts: weight and fp32 hidden may have any strides (they only feed cuBLAS
+    matmuls); labels and a 'none' incoming gradient are read with their strides.
+    fp16/bf16 hidden is read by the weight-gradient kernel as 16-byte aligned rows:
+    one whose last dimension is not contiguous, whose row stride is not a multiple of
+    8 or whose start is not 16-byte aligned is copied once; D must be a multiple of 8.
+    Raises TypeError for unsupported or mismatched dtypes, ValueError for bad shapes,
+    reductions, chunk sizes or devices.
     """
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
@@ -323,7 +339,7 @@ def fused_linear_cross_entropy(
         raise ValueError("weight must have at least one vocabulary row")
     validate_labels(labels, hidden.shape[0])
     validate_reduction(reduction)
-    check_runnable(hidden, weight, labels)
+    check_runnable("fused_linear_cross_entropy", hidden, weight, labels)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(hidden.shape[0], hidden.element_size())
     elif chunk_rows < 1:
@@ -385,6 +401,10 @@ def hopper_specs() -> list[KernelSpec]:
                 specs.append(forward_spec(f"flce_ce_forward_{tag}", dtype, label_dtype, block, write_grad=False))
                 specs.append(forward_spec(f"flce_ce_forward_grad_{tag}", dtype, label_dtype, block, write_grad=True))
                 specs.append(backward_spec(f"flce_ce_backward_{tag}", dtype, label_dtype, block))
+            tag = f"{TL_DTYPE[dtype]}_{TL_LABEL[label_dtype]}_v4096_labels_strided"
+            specs.append(forward_spec(f"flce_ce_forward_{tag}", dtype, label_dtype, 4096, False, unit_label=False))
+            specs.append(forward_spec(f"flce_ce_forward_grad_{tag}", dtype, label_dtype, 4096, True, unit_label=False))
+            specs.append(backward_spec(f"flce_ce_backward_{tag}", dtype, label_dtype, 4096, unit_label=False))
     for dtype in WGRAD_DTYPES:
         for first in (True, False):
             for last in (True, False):

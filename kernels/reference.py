@@ -1,8 +1,10 @@
 """PyTorch reference implementations of every op the model uses.
 
 These are the ground truth the Triton kernels are tested against, and the ops the
-model runs where Triton is unavailable (CPU). They favour clarity over speed, but
-never build a (total_tokens x total_tokens) mask for a packed batch.
+model runs where Triton is unavailable (CPU). They favour clarity over speed, but keep
+memory linear in sequence length: attention never builds a (tokens x tokens) mask or
+score matrix, for the packed batch or for one document. Every op accepts inputs of any
+layout (views, strides, stride-0 expansions), as PyTorch ops do.
 """
 
 from __future__ import annotations
@@ -62,34 +64,92 @@ def varlen_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention inside each packed document, never across documents.
+    """Attention inside each packed document, never across documents.
 
-    q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim); cu_seqlens: (n_docs+1,) int32.
-    max_seqlen is accepted for signature parity with the Triton kernel and not needed here.
-    Runs one scaled_dot_product_attention per document, so memory is per-document.
+    q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim), one dtype, n_heads a
+    multiple of n_kv_heads; cu_seqlens: (n_docs+1,) int32/int64, document d being the rows
+    [cu_seqlens[d], cu_seqlens[d+1]). Returns (T, n_heads, head_dim), contiguous, in q's
+    dtype; softmax_scale defaults to head_dim**-0.5. max_seqlen is accepted for signature
+    parity with the Triton kernel and not needed here.
+
+    Tokens outside every document (before cu_seqlens[0], from cu_seqlens[-1] on) attend
+    to nothing: output rows 0 and gradients 0, as in flash_attn_varlen. cu_seqlens is read
+    on the host (a sync) and checked: ValueError unless it is non-decreasing within [0, T].
+
+    Memory is linear in document length: one scaled_dot_product_attention per document
+    on (1, heads, L, head_dim) views, GQA through enable_gqa (no repeated K/V). For these
+    PyTorch runs a flash-attention kernel on CPU (fp32, bf16, fp16, fp64; its backward
+    is blockwise too) and flash or memory-efficient kernels on CUDA; none materialises
+    the (L, L) scores. Inputs of any layout are read as views.
     """
-    n_heads, n_kv_heads = q.shape[1], k.shape[1]
-    group = n_heads // n_kv_heads
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()  # host copy: the reference path is not meant for CUDA graphs
+    _check_attention_inputs(q, k, v)
+    total, n_heads, head_dim = q.shape
+    bounds = _document_bounds(cu_seqlens, total)
+    gqa = n_heads != k.shape[1]
+    # An exact 0 that depends on q, k and v: rows outside every document get it, so their
+    # gradients are defined zeros even where no document uses q, k or v at all.
+    zero = q[:0].sum() + k[:0].sum() + v[:0].sum()
+    pieces = []
+    if bounds[0] > 0:
+        pieces.append(q.new_zeros(bounds[0], n_heads, head_dim) + zero)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qd = q[start:end].transpose(0, 1)  # (n_heads, L, head_dim)
-        kd = k[start:end].transpose(0, 1)  # (n_kv_heads, L, head_dim)
-        vd = v[start:end].transpose(0, 1)
-        if group > 1:
-            kd = kd.repeat_interleave(group, dim=0)
-            vd = vd.repeat_interleave(group, dim=0)
-        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale)
-        out[start:end] = od.transpose(0, 1)
-    return out
+        qd = q[start:end].transpose(0, 1)[None]  # (1, n_heads, L, head_dim)
+        kd = k[start:end].transpose(0, 1)[None]  # (1, n_kv_heads, L, head_dim)
+        vd = v[start:end].transpose(0, 1)[None]
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)
+        pieces.append(od[0].transpose(0, 1))  # (L, n_heads, head_dim)
+    if bounds[-1] < total or not pieces:
+        pieces.append(q.new_zeros(total - bounds[-1], n_heads, head_dim) + zero)
+    return torch.cat(pieces)
+
+
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen_attention: q, k, v must be (tokens, heads, head_dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"varlen_attention: k and v must be (tokens, n_kv_heads, head_dim) matching q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"varlen_attention: n_heads ({q.shape[1]}) must be a multiple of n_kv_heads ({k.shape[1]})")
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"varlen_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"varlen_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _document_bounds(cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """cu_seqlens as a host list, checked: 1-D int32/int64, non-decreasing, within [0, total]."""
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"varlen_attention: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"varlen_attention: cu_seqlens must be 1-D (n_docs+1,) with at least one boundary, got "
+                         f"shape {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()  # host copy: the reference path is not meant for CUDA graphs
+    if bounds[0] < 0 or bounds[-1] > total:
+        raise ValueError(f"varlen_attention: cu_seqlens must lie within [0, {total}] (the token count), "
+                         f"got {bounds[0]}..{bounds[-1]}")
+    for d, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end < start:
+            raise ValueError(f"varlen_attention: cu_seqlens must be non-decreasing, got cu_seqlens[{d}] = {start} > "
+                             f"cu_seqlens[{d + 1}] = {end}")
+    return bounds
 
 
 def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Token cross-entropy in fp32. 'mean' divides by the non-ignored count (0 when all are ignored)."""
+    """Token cross-entropy in fp32. logits: (N, V) float; labels: (N,) int32/int64, ignore_index
+    where no loss. Returns fp32: (N,) for 'none', a scalar for 'sum' and 'mean' ('mean'
+    divides by the non-ignored count; 0 when all are ignored). A label outside [0, V)
+    that is not ignore_index raises (on CPU; a device assert on CUDA)."""
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cross_entropy: labels must be int32 or int64, got {labels.dtype}")
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: logits must be (N, V) and labels (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     losses = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return losses

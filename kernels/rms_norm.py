@@ -20,6 +20,7 @@ summed at the end. No (rows, hidden) fp32 temporary exists.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from agentflan.kernels.compile_check import KernelSpec
+from agentflan.kernels.validate import check_runnable, unit_last
 
 # Widest rows kept whole in registers. The forward holds x and w per row; the backward
 # holds x, dy, w and the dw accumulator, so it goes chunked sooner (and sooner still for
@@ -182,22 +184,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight must be (hidden,) = ({x.shape[-1] if x.dim() else '?'},), "
                          f"got x {tuple(x.shape)} weight {tuple(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"rms_norm: x on {x.device} but weight on {weight.device}")
+    check_runnable("rms_norm", x, weight)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., hidden) -> (rows, hidden) with unit column stride (copies only if needed)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return unit_last(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))
 
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    if n_rows == 0 or n_cols == 0:  # nothing to normalise; rstd is never read
+        return y, torch.zeros((n_rows,), dtype=torch.float32, device=x2.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x2.device)
-    if n_rows == 0:
-        return y, rstd
     cfg = _fwd_config(n_cols)
     _rms_norm_fwd_kernel[(n_rows,)](
         x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, 1.0 / n_cols, eps,
@@ -211,8 +211,8 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-    if n_rows == 0:
-        return dx, torch.zeros_like(weight)
+    if n_rows == 0 or n_cols == 0:
+        return dx, torch.zeros((n_cols,), dtype=weight.dtype, device=weight.device)
     cfg = _bwd_config(n_cols, x2.dtype)
     n_prog = _n_programs(n_rows, cfg.num_warps, x2.device)
     # One-pass programs store their whole partial row; chunked ones accumulate into it.
@@ -230,6 +230,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _check(x, weight)
         x2 = _rows(x)
+        weight = weight.contiguous()  # (hidden,): a strided weight costs one tiny copy
         y, rstd = _forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
@@ -242,8 +243,19 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm over the last dimension of x (any leading shape); weight (hidden,)
-    in x's dtype; output in x's dtype. Same semantics as reference.rms_norm."""
+    """Llama RMSNorm over the last dimension: reference.rms_norm's answer.
+
+    x: (..., hidden) fp32/fp16/bf16, any leading shape; weight: (hidden,) in x's dtype;
+    returns a new contiguous tensor shaped and typed like x. Layouts: the kernels take
+    the row stride of x (and of the incoming gradient), so row slices and stride-0 rows
+    are read in place; a tensor whose last dimension is not contiguous, or whose
+    leading dimensions do not merge into one row stride, is copied once (the kernels
+    read each row as one contiguous vector, held in registers). A non-contiguous weight
+    is copied (hidden elements; a generic-stride weight load spilled registers in the
+    16-bit backward at hidden 8192). Raises TypeError for unsupported or mismatched
+    dtypes, ValueError for mismatched shapes or devices, or CPU tensors without the
+    Triton interpreter.
+    """
     return RMSNormFunction.apply(x, weight, eps)
 
 

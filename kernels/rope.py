@@ -12,9 +12,11 @@ One program per token rotates all of its q heads and k heads, BLOCK_H heads at a
 in fp32. Output dtype follows PyTorch promotion, as the reference's `q * cos` does:
 bf16 q with fp32 tables gives fp32 outputs.
 
-Strides: q and k may be views (e.g. slices of one fused qkv projection) as long as
-head_dim is contiguous; token and head strides are passed to the kernel, nothing is
-copied. Outputs are new contiguous tensors.
+Strides: the token and head strides of q, k and their incoming gradients and the
+token strides of cos/sin are passed to the kernel, so views (slices of one fused qkv
+projection, stride-0 tokens or heads, tables expanded from one row) are read in place;
+a tensor whose head_dim is not contiguous is copied once (each head is read as two
+contiguous halves). Outputs are new contiguous tensors.
 
 Backward: the kernel reads both halves of an element pair before writing either, so it
 could safely write into the incoming gradient. It does not: autograd may hand the same
@@ -31,6 +33,7 @@ import triton
 import triton.language as tl
 
 from agentflan.kernels.compile_check import KernelSpec
+from agentflan.kernels.validate import check_runnable, unit_last
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # At most this many elements per (heads x half-head) tile: 16 fp32 per thread per half
@@ -110,26 +113,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != (T, head_dim):
             raise ValueError(f"apply_rope: {name} must be (T, head_dim) = ({T}, {head_dim}), got {tuple(table.shape)}")
-        if table.stride(-1) != 1:
-            raise ValueError(f"apply_rope: {name} must have a contiguous last dimension")
         if table.requires_grad:
             raise ValueError(f"apply_rope: {name} requires grad; the kernel treats the tables as constants")
     if q.dtype != k.dtype or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"apply_rope: q and k must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}")
     if cos.dtype != sin.dtype or cos.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"apply_rope: cos and sin must share one dtype of {SUPPORTED_DTYPES}, got {cos.dtype}, {sin.dtype}")
-    if len({q.device, k.device, cos.device, sin.device}) != 1:
-        raise ValueError("apply_rope: q, k, cos and sin must be on one device")
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """Keep views whose head_dim is contiguous as they are; copy anything else."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    check_runnable("apply_rope", q, k, cos, sin)
 
 
 def _launch(x_q, x_k, cos, sin, out_q, out_k, backward: bool) -> None:
     T, n_heads, head_dim = x_q.shape
-    if T == 0:
+    if T == 0 or head_dim == 0:  # nothing to rotate: the outputs hold no element
         return
     cfg = _config(n_heads, x_k.shape[1], head_dim)
     _rope_kernel[(T,)](
@@ -146,7 +141,7 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         _check(q, k, cos, sin)
-        q, k = _unit_last(q), _unit_last(k)
+        q, k, cos, sin = unit_last(q), unit_last(k), unit_last(cos), unit_last(sin)
         out_dtype = torch.promote_types(q.dtype, cos.dtype)
         q_out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=out_dtype, device=k.device)
@@ -160,7 +155,7 @@ class RopeFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         # autograd materialises the gradient of an output that took no part in the loss
         # as zeros (materialize_grads is on by default), so neither is None here.
-        dq_out, dk_out = _unit_last(dq_out), _unit_last(dk_out)
+        dq_out, dk_out = unit_last(dq_out), unit_last(dk_out)
         dq = torch.empty(dq_out.shape, dtype=ctx.in_dtype, device=dq_out.device)
         dk = torch.empty(dk_out.shape, dtype=ctx.in_dtype, device=dk_out.device)
         _launch(dq_out, dk_out, cos, sin, dq, dk, backward=True)
@@ -171,7 +166,13 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (T, n_heads, head_dim) and k (T, n_kv_heads, head_dim) by the per-token
-    tables cos/sin (T, head_dim); same semantics as reference.apply_rope."""
+    tables cos/sin (T, head_dim): reference.apply_rope's answer.
+
+    q and k share one dtype, cos and sin another (fp32/fp16/bf16); outputs are new
+    contiguous tensors in torch.promote_types(q.dtype, cos.dtype). Any layout (see the
+    module docstring for which are copied). Raises ValueError for mismatched shapes, an
+    odd head_dim, tables that require grad (they are constants here) or devices;
+    TypeError for unsupported or mismatched dtypes."""
     return RopeFunction.apply(q, k, cos, sin)
 
 

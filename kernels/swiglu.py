@@ -9,8 +9,9 @@ once. The backward recomputes the sigmoid from gate, so the forward saves nothin
 its two inputs (which autograd keeps alive anyway for the projections feeding them).
 
 Both tensors are treated as one flat stream of elements: any shape works, and the
-kernels see contiguous memory (a non-contiguous input, e.g. a column slice of a fused
-gate/up projection, is copied once by the wrapper).
+kernels see contiguous memory. A non-contiguous input or incoming gradient (a column
+slice of a fused gate/up projection, a transposed or stride-0 expanded view, the
+gradient of `.sum()`) is copied once by the wrapper; contiguous ones are not copied.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from agentflan.kernels.compile_check import KernelSpec
+from agentflan.kernels.validate import check_runnable
 
 # 1024 elements per program over 4 warps: 8 per thread, i.e. 16-byte vector accesses
 # for 16-bit dtypes. Elementwise and memory bound, so one config serves every size.
@@ -56,8 +58,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise TypeError(f"swiglu: gate dtype {gate.dtype} and up dtype {up.dtype} must match")
     if gate.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"swiglu: dtype must be one of {SUPPORTED_DTYPES}, got {gate.dtype}")
-    if gate.device != up.device:
-        raise ValueError(f"swiglu: gate on {gate.device} but up on {up.device}")
+    check_runnable("swiglu", gate, up)
 
 
 def _grid(n: int) -> tuple[int]:
@@ -91,7 +92,12 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for same-shape, same-dtype tensors; same semantics as reference.swiglu."""
+    """silu(gate) * up: reference.swiglu's answer for same-shape, same-dtype tensors.
+
+    gate, up: any shape and layout (see the module docstring for which are copied),
+    fp32/fp16/bf16. Returns a new contiguous tensor of that shape and dtype. Raises
+    ValueError for different shapes (no broadcasting) or devices, TypeError for
+    unsupported or mismatched dtypes."""
     return SwiGLUFunction.apply(gate, up)
 
 

@@ -52,7 +52,9 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Attention inside each packed document (varlen flash attention, GQA).
 
-    q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim); cu_seqlens: (n_docs+1,) int32.
-    max_seqlen only tunes the kernel choice (None is fine, and costs no host sync).
+    q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim); cu_seqlens: (n_docs+1,)
+    int32/int64. Tokens outside every document get output and gradients 0, as in
+    reference.varlen_attention. max_seqlen only tunes the kernel choice (None is fine,
+    and costs no host sync).
     """
     return flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=softmax_scale)

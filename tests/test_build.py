@@ -36,7 +36,9 @@ def test_wheel_maps_kernels_under_agentflan(tmp_path):
     assert not unexpected, f"{wheel.name} installs top-level {sorted(unexpected)}; only agentflan belongs there"
     assert any(n.startswith("agentflan/_C.") and n.endswith((".so", ".pyd")) for n in names)
     for required in ["agentflan/kernels/__init__.py", "agentflan/kernels/reference.py",
-                     "agentflan/assets/tokenizer.model", "agentflan/assets/agentflan_tooluse.jsonl"]:
+                     "agentflan/assets/tokenizer.model", "agentflan/assets/agentflan_tooluse.jsonl",
+                     "agentflan/toolworld/__init__.py", "agentflan/corpus/build.py",
+                     "agentflan/trainer/loop.py", "agentflan/generate/__init__.py"]:
         assert required in names, f"{required} missing from {wheel.name}"
 
 

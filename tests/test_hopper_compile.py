@@ -127,3 +127,27 @@ def test_format_table():
     assert table[0].startswith("| kernel | config | regs | shared (B) | spill (B) |")
     assert table[2] == "| k[bf16] | warps=4 | 32 | 1024 | 0 | 0 | no | ok |  |"
     assert table[3].endswith("| FAIL | register spills: 64 B |")
+
+
+def test_help_and_missing_triton(tmp_path):
+    """--help works without triton (it is imported after the arguments are parsed); a run
+    without it prints one `error:` line and exits 2."""
+    blocker = tmp_path / "triton"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('No module named triton (blocked for this test)')\n")
+    env = {**_compile_env(), "PYTHONPATH": str(tmp_path)}
+    help_run = subprocess.run([sys.executable, "tools/hopper_check.py", "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0, help_run.stderr
+    assert "--json" in help_run.stdout and "sm_90" in help_run.stdout
+    run = subprocess.run([sys.executable, "tools/hopper_check.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and "triton" in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+@needs_toolchain
+def test_only_filter_that_matches_nothing_is_an_error():
+    run = subprocess.run([sys.executable, "tools/hopper_check.py", "--only", "no_such_kernel"], cwd=ROOT,
+                         env=_compile_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("error: --only no_such_kernel matches no config")

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from agentflan.kernels import flash_attn_varlen, reference
-from agentflan.kernels.flash_attention import build_schedule
+from agentflan.kernels.flash_attention import build_schedule, segment_bounds
 from triton_harness import DEVICE, DTYPES, assert_close, fresh_seed, poisoned_outputs, randn, rng
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # out, dv (and the lse)
@@ -224,20 +224,123 @@ def test_strided_inputs_and_grad_for_q_only():
 
 
 def test_schedule_covers_every_block_once():
-    """Program slots map one to one onto the blocks of the documents (empty documents
-    get none), and the spare slots at the end name no document."""
+    """Program slots map one to one onto the blocks of the segments (the rows before the
+    first document, the documents, the rows after the last; empty ones get none), and the
+    spare slots at the end name no segment."""
     seed = fresh_seed()
     gen = rng(seed)
     lengths = _random_lengths(gen, 40, 0, 300)
-    cu = _cu_seqlens(lengths)
-    total, block = sum(lengths), 32
+    head, tail = (int(x) for x in torch.randint(0, 70, (2,), generator=gen))
+    cu = _cu_seqlens(lengths) + head
+    total, block = head + sum(lengths) + tail, 32
     sched = build_schedule(cu, total, block)
-    slot_doc, slot_start = sched.slot_doc.cpu().tolist(), sched.slot_start.cpu().tolist()
-    assert sched.n_slots == total // block + len(lengths) and len(slot_doc) == sched.n_slots
-    expected = [(d, b) for d, n in enumerate(lengths) for b in range(math.ceil(n / block))]
-    got = [(d, s - slot_start[d]) for s, d in enumerate(slot_doc) if d < len(lengths)]
+    segments = [head, *lengths, tail]
+    assert sched.bounds.tolist() == [0, *cu.tolist(), total]
+    slot_seg, slot_start = sched.slot_seg.cpu().tolist(), sched.slot_start.cpu().tolist()
+    assert sched.n_slots == total // block + len(segments) and len(slot_seg) == sched.n_slots
+    expected = [(g, b) for g, n in enumerate(segments) for b in range(math.ceil(n / block))]
+    got = [(g, s - slot_start[g]) for s, g in enumerate(slot_seg) if g < len(segments)]
     assert got == expected, f"seed={seed}"
-    assert all(d == len(lengths) for d in slot_doc[len(expected):]), f"seed={seed}"
+    assert all(g == len(segments) for g in slot_seg[len(expected):]), f"seed={seed}"
+
+
+def test_segment_bounds_make_any_cu_seqlens_safe():
+    """Boundaries are clamped into [0, T] and raised to the running maximum, so the
+    segments tile [0, T) whatever cu_seqlens holds."""
+    cu = torch.tensor([3, 9, 5, 40, -2, 12], dtype=torch.int64, device=DEVICE)
+    assert segment_bounds(cu, 20).tolist() == [0, 3, 9, 9, 20, 20, 20, 20]
+    assert segment_bounds(torch.tensor([0, 7], device=DEVICE), 7).dtype == torch.int32
+
+
+@pytest.mark.parametrize(
+    "dtype,causal", [(torch.float32, True), (torch.float32, False), (torch.float16, True), (torch.bfloat16, True)],
+    ids=str,
+)
+def test_tokens_outside_every_document_are_zero(dtype, causal):
+    """Rows before cu_seqlens[0] and from cu_seqlens[-1] on (padding) give output 0 and
+    gradients 0, are seen by no document, and the kernel equals the reference op, which
+    defines the same. 40 leading and 37 trailing rows span more than one 32-row block."""
+    seed = fresh_seed()
+    g = rng(seed)
+    head, lengths, tail = 40, [23, 1, 20], 37
+    total = head + sum(lengths) + tail
+    q = randn(total, 4, 32, gen=g, dtype=dtype)
+    k = randn(total, 2, 32, gen=g, dtype=dtype)
+    v = randn(total, 2, 32, gen=g, dtype=dtype)
+    dout = randn(total, 4, 32, gen=g, dtype=dtype)
+    cu = _cu_seqlens(lengths) + head
+    got = _kernel(q, k, v, dout, cu, max(lengths), causal)
+    want = _reference(q, k, v, dout, cu, causal)
+    inside = slice(head, head + sum(lengths))
+    tag = f"{dtype} causal={causal}"
+    for name, a, b, tol in zip(("out", "dq", "dk", "dv"), got, want, (TOL, TOL_DQ_DK, TOL_DQ_DK, TOL)):
+        assert torch.count_nonzero(a[:head]) == 0 and torch.count_nonzero(a[-tail:]) == 0, f"{name} {tag} seed={seed}"
+        assert torch.count_nonzero(b[:head]) == 0 and torch.count_nonzero(b[-tail:]) == 0, f"{name} ref {tag}"
+        assert_close(a[inside], b[inside], tol[dtype], f"{name} {tag}", seed)
+    # The same documents without the padding rows give the same values.
+    alone = _kernel(*(t[inside] for t in (q, k, v, dout)), cu - head, max(lengths), causal)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, alone):
+        assert torch.equal(a[inside], b), f"{name}: padding rows changed the documents' values (seed={seed})"
+
+
+def test_issue_example_one_row_past_the_only_document():
+    """q, k, v (2, 1, 16), cu_seqlens [0, 1]: row 0 attends to itself (output v[0], dv
+    dout[0], dq and dk 0 up to roundoff), row 1 belongs to no document (output and all
+    gradients exactly 0); the reference op gives the same."""
+    seed = fresh_seed()
+    g = rng(seed)
+    q, k, v, dout = (randn(2, 1, 16, gen=g) for _ in range(4))
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    got = _kernel(q, k, v, dout, cu, 1)
+    for name, t in zip(("out", "dq", "dk", "dv"), got):
+        assert torch.equal(t[1], torch.zeros_like(t[1])), f"{name} row 1 (seed={seed})"
+    out, dq, dk, dv = got
+    assert torch.equal(out[0], v[0]) and torch.equal(dv[0], dout[0])
+    assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5, f"seed={seed}"
+    ref = _reference(q, k, v, dout, cu)
+    for name, a, b in zip(("out", "dv"), (out, dv), (ref[0], ref[3])):
+        assert_close(a, b, TOL[torch.float32], name, seed)
+    assert torch.equal(ref[0][1], torch.zeros_like(ref[0][1])) and ref[1].abs().max() < 1e-12
+
+
+def test_no_document_at_all_gives_zeros():
+    seed = fresh_seed()
+    g = rng(seed)
+    q, k, v, dout = (randn(9, 2, 16, gen=g) for _ in range(4))
+    for cu in ([0], [4, 4, 4]):
+        got = _kernel(q, k, v, dout, torch.tensor(cu, dtype=torch.int32, device=DEVICE), 0)
+        want = _reference(q, k, v, dout, torch.tensor(cu, device=DEVICE))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert torch.count_nonzero(a) == 0 and torch.count_nonzero(b) == 0, f"{name} cu={cu}"
+
+
+def test_int64_cu_seqlens():
+    seed = fresh_seed()
+    lengths = [30, 2, 17]
+    q, k, v, dout, cu = _inputs(lengths, 2, 1, 64, torch.float32, seed)
+    got = _kernel(q, k, v, dout, cu.long(), max(lengths))
+    want = _kernel(q, k, v, dout, cu, max(lengths))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a, b), name
+
+
+def test_invalid_cu_seqlens_stay_in_bounds():
+    """Decreasing or out-of-range boundaries: the reference raises; the kernels (which do
+    not sync to check) write every element, exactly the attention over the normalised
+    boundaries (segment_bounds), and touch no memory outside the tensors."""
+    seed = fresh_seed()
+    g = rng(seed)
+    total = 60
+    q, k, v, dout = (randn(total, 2, 16, gen=g) for _ in range(4))
+    for bad in ([0, 30, 20, 50], [10, 45, 90], [-5, 25]):
+        cu = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+        with pytest.raises(ValueError, match="cu_seqlens must"):
+            reference.varlen_attention(q, k, v, cu)
+        got = _kernel(q, k, v, dout, cu, None)
+        fixed = segment_bounds(cu, total)[1:-1]
+        want = _reference(q, k, v, dout, fixed)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert_close(a, b, TOL[torch.float32], f"{name} cu={bad}", seed)
 
 
 def test_empty_batch():
@@ -258,9 +361,11 @@ def test_rejects_bad_inputs():
         flash_attn_varlen(q[..., :48], kv[..., :48], kv[..., :48], cu, 5)
     with pytest.raises(TypeError, match="must share one of"):
         flash_attn_varlen(q.half(), kv, kv, cu, 5)
-    with pytest.raises(ValueError, match="1-D int32"):
-        flash_attn_varlen(q, kv, kv, cu.long(), 5)
-    with pytest.raises(ValueError, match="names no document"):
-        flash_attn_varlen(q, kv, kv, cu[:1], 5)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+        flash_attn_varlen(q, kv, kv, cu.float(), 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D"):
+        flash_attn_varlen(q, kv, kv, cu[None], 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D"):
+        flash_attn_varlen(q, kv, kv, cu[:0], 5)
     with pytest.raises(ValueError, match="k and v must be"):
         flash_attn_varlen(q, kv[:4], kv[:4], cu, 5)

@@ -71,7 +71,8 @@ def test_swiglu_saves_only_inputs():
     seed = fresh_seed()
     gate = randn(5, 96, gen=rng(seed)).requires_grad_()
     up = randn(5, 96, gen=rng(seed + 1)).requires_grad_()
-    saved = swiglu(gate, up).grad_fn.saved_tensors
+    y = swiglu(gate, up)  # kept alive: some torch versions free a graph's saved tensors with its output
+    saved = y.grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [gate.data_ptr(), up.data_ptr()]
 
 

@@ -108,6 +108,30 @@ def test_positions_restart_per_document():
     assert torch.equal(pos, expected)
 
 
+def test_tokens_outside_every_document_get_position_zero_and_leave_documents_alone(seed):
+    """cu_seqlens need not cover the whole stream: tokens before its first and from its last
+    boundary are outside every document (position 0, attention zeros), and the documents'
+    logits are those of the documents alone."""
+    gen = torch.Generator().manual_seed(seed)
+    lead, tail = (int(torch.randint(0, 6, (), generator=gen)) for _ in range(2))
+    lengths = torch.randint(1, 20, (int(torch.randint(1, 5, (), generator=gen)),), generator=gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).add(lead).int()
+    total = int(cu[-1]) + tail
+    pos = positions_from_cu_seqlens(cu, total)
+    expected = torch.cat([torch.zeros(lead, dtype=torch.long), *[torch.arange(int(n)) for n in lengths],
+                          torch.zeros(tail, dtype=torch.long)])
+    assert torch.equal(pos, expected)
+
+    model = Llama(get_preset("micro", vocab_size=97))
+    model.init_weights(seed=seed)
+    ids = torch.randint(0, 97, (total,), generator=gen)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu)
+        inside = model(ids[lead:int(cu[-1])], cu_seqlens=cu - lead)
+    assert packed.isfinite().all()
+    _assert_close_to_scale(packed[lead:int(cu[-1])], inside)
+
+
 def test_explicit_positions_match_derived_ones():
     model = Llama(get_preset("micro", vocab_size=97))
     model.init_weights(std=0.1)

@@ -21,6 +21,7 @@ from agentflan import _C  # noqa: E402
 from agentflan.data.packing import (  # noqa: E402
     IGNORE_INDEX,
     OVERLONG_POLICIES,
+    OverlongDocumentError,
     PackPlan,
     build_batch,
     plan_packs,
@@ -84,12 +85,12 @@ def test_plan_matches_reference_on_random_cases(seeded):
         overlong_docs = np.flatnonzero(lengths > capacity)
         if overlong == "error" and overlong_docs.size:
             d = int(overlong_docs[0])
-            with pytest.raises(ValueError) as err:
+            with pytest.raises(OverlongDocumentError) as err:
                 plan_packs(lengths, capacity, overlong)
-            text = str(err.value)
-            assert f"document {d} " in text and f"{lengths[d]} tokens" in text and str(capacity) in text, (
-                f"error message {text!r} does not name document {d}; {msg}"
-            )
+            e = err.value
+            assert (e.doc, e.length, e.capacity, e.n_overlong) == (d, lengths[d], capacity, overlong_docs.size), msg
+            assert str(e).startswith(f"document {d}: the document is {lengths[d]} tokens, longer than pack_len "
+                                     f"{capacity}"), f"error message {str(e)!r} does not name document {d}; {msg}"
             with pytest.raises(ValueError):
                 plan_packs_reference(lengths.tolist(), capacity, overlong)
             continue
@@ -245,7 +246,8 @@ def test_plan_bad_inputs():
         plan_packs(np.ones((2, 2), dtype=np.int64), 8)
     with pytest.raises(ValueError, match="overlong must be one of"):
         plan_packs([1, 2], 8, overlong="drop")
-    with pytest.raises(ValueError, match=r"document 1 has 9 tokens, more than the pack capacity 8"):
+    with pytest.raises(OverlongDocumentError, match=r"^document 1: the document is 9 tokens, longer than pack_len 8 "
+                                                    r"\(overlong: error; use split or truncate\); 1 more document"):
         plan_packs([8, 9, 10], 8, overlong="error")
 
 

@@ -7,11 +7,14 @@ messages; AGENTFLAN_TEST_SEED=<seed> replays one).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -19,13 +22,13 @@ import numpy as np
 import pytest
 
 from agentflan.data.conversation import DataFormatError
-from agentflan.data.defaults import DEFAULT_TOKENIZER
+from agentflan.data.defaults import DEFAULT_OVERLONG, DEFAULT_PACK_LEN, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER
 from agentflan.data.loader import PreparedDataset
 from agentflan.data.packing import plan_packs
 from agentflan.data.prepare import fill_packs, prepare
 from agentflan.data.recipe import recipe_from_dict
 from agentflan.data.sources import SourceReader
-from agentflan.data.synthetic import write_corpus
+from agentflan.corpus.default import write_corpus
 from agentflan.data.templates import encode_conversation
 from agentflan.tokenizer import Tokenizer
 
@@ -138,7 +141,9 @@ def test_manifest_counts_and_contents_match_the_input(tmp_path: Path, tok: Token
     assert totals["overlong"] == {"policy": "split", "documents": 0, "split": 0, "truncated": 0, "tokens_dropped": 0}
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256(DEFAULT_TOKENIZER.read_bytes()).hexdigest()
     assert manifest["recipe"] == recipe.to_dict()
-    assert (manifest["template"], manifest["pack_len"], manifest["format_version"]) == ("llama2-chat", 4096, 1)
+    assert (manifest["template"], manifest["pack_len"], manifest["overlong"], manifest["format_version"]) == (
+        "llama2-chat", 4096, "split", 2)
+    assert manifest["totals"]["max_token_id"] == max(int(d.ids.max()) for d in docs)
     assert [s["documents"] for s in manifest["sources"]] == [s["selected_documents"] for s in manifest["sources"]]
 
     # Every document is in the shards exactly once, as one piece, with its mask.
@@ -149,6 +154,80 @@ def test_manifest_counts_and_contents_match_the_input(tmp_path: Path, tok: Token
         for a, b in zip(bounds[:-1], bounds[1:]):
             pieces[(tokens[a:b].tobytes(), mask[a:b].tobytes())] += 1
     assert pieces == Counter((d.ids.tobytes(), d.loss_mask.tobytes()) for d in docs), msg
+
+
+def test_manifest_records_each_shard_file_and_pack_checksum(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    make_corpus(tmp_path / "data", rng)
+    pack_len = rng.choice([256, 512, 1000])
+    recipe = recipe_from_dict(corpus_recipe(tmp_path / "data", pack_len=pack_len), tmp_path / "data")
+    manifest = prepare(recipe, tmp_path / "out", shard_tokens=rng.randrange(2000, 9000))
+    out = tmp_path / "out"
+    msg = f"seed {seed}, pack_len {pack_len}"
+    assert len(manifest["shards"]) > 1, msg
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json"] + [f"{sh['name']}.{a}.npy" for sh in manifest["shards"] for a in
+                             ("tokens", "loss_mask", "pieces", "packs", "pack_crc32")])
+    for shard in manifest["shards"]:
+        for array, recorded in shard["files"].items():
+            data = (out / f"{shard['name']}.{array}.npy").read_bytes()
+            assert recorded == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, (array, msg)
+        tokens = np.load(out / f"{shard['name']}.tokens.npy")
+        mask = np.load(out / f"{shard['name']}.loss_mask.npy")
+        pieces = np.load(out / f"{shard['name']}.pieces.npy")
+        packs = np.load(out / f"{shard['name']}.packs.npy")
+        crc = np.load(out / f"{shard['name']}.pack_crc32.npy")
+        assert crc.dtype == np.uint32 and crc.shape == (shard["packs"], 2), msg
+        for p in range(shard["packs"]):
+            a, b = pieces[packs[p]], pieces[packs[p + 1]]
+            assert crc[p].tolist() == [zlib.crc32(tokens[a:b].tobytes()), zlib.crc32(mask[a:b].tobytes())], msg
+        assert shard["max_token_id"] == int(tokens.max()), msg
+    assert manifest["totals"]["max_token_id"] == max(sh["max_token_id"] for sh in manifest["shards"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_prepared_folders_and_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    make_corpus(tmp_path / "data", random.Random(umask))
+    recipe = recipe_from_dict(corpus_recipe(tmp_path / "data", pack_len=512), tmp_path / "data")
+    old = os.umask(umask)
+    try:
+        prepare(recipe, tmp_path / "nested" / "out", shard_tokens=5000)
+        first = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "nested" / "out").iterdir()}
+        prepare(recipe, tmp_path / "nested" / "out", shard_tokens=5000, overwrite=True)  # the replacing path
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "nested", tmp_path / "nested" / "out"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, (folder, oct(folder.stat().st_mode))
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "nested" / "out").iterdir()}
+    assert len(files) > 5 and files == first
+    assert set(files.values()) == {0o666 & ~umask}, {k: oct(v) for k, v in files.items()}
+    assert leftovers(tmp_path / "nested") == []
+
+
+def test_a_failed_write_names_the_file_and_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk fails a write with an OSError that names no file; prepare names it and
+    leaves nothing behind."""
+    import errno
+
+    import agentflan.data.prepare as prepare_module
+
+    make_corpus(tmp_path / "data", random.Random(3))
+    recipe = recipe_from_dict(corpus_recipe(tmp_path / "data", pack_len=512), tmp_path / "data")
+    real_fsync = os.fsync
+    calls = []
+
+    def full(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+    monkeypatch.setattr(prepare_module.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        prepare(recipe, tmp_path / "out", shard_tokens=5000)
+    assert info.value.errno == errno.ENOSPC
+    assert re.fullmatch(r"/\S+/\.out\.\w+\.tmp/shard-00000\.pieces\.npy: cannot write \(No space left on device\)",
+                        str(info.value)), str(info.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_rerun_reproduces_the_same_bytes(tmp_path: Path, seed: int) -> None:
@@ -213,15 +292,51 @@ def test_failures_leave_no_half_dataset(tmp_path: Path, monkeypatch: pytest.Monk
     assert (stranger / "todo.txt").read_text() == "mine"
 
 
-def test_overlong_policies_are_counted_or_named(tmp_path: Path, tok: Tokenizer) -> None:
-    rng = random.Random(1)
-    make_corpus(tmp_path / "data", rng)
-    body = corpus_recipe(tmp_path / "data", pack_len=128)
-    with pytest.raises(ValueError, match=r"^/.*/data/agentflan\.jsonl:\d+: the conversation is \d+ tokens, longer than "
-                                         r"pack_len 128 \(overlong: error"):
-        prepare(recipe_from_dict({**body, "overlong": "error"}, tmp_path / "data"), tmp_path / "e")
-    m = prepare(recipe_from_dict({**body, "overlong": "truncate"}, tmp_path / "data"), tmp_path / "t")
-    split = prepare(recipe_from_dict(body, tmp_path / "data"), tmp_path / "s")
+def first_overlong(path: Path, fmt: str, tok: Tokenizer, template: str, pack_len: int) -> tuple[str, int, int]:
+    """Independently: (place, length) of the first trained conversation longer than
+    pack_len in file order, and how many there are."""
+    found = []
+    for conv in SourceReader(path, fmt, skip_bad=True):
+        enc = encode_conversation(conv, tok, template)
+        if enc.loss_mask.any() and len(enc.ids) > pack_len:
+            where = f"{path}:{conv.line}" if conv.offset is None else f"{path}: byte {conv.offset} (line {conv.line})"
+            found.append((where, len(enc.ids)))
+    return found[0][0], found[0][1], len(found)
+
+
+def test_overlong_policies_are_counted_or_named(tmp_path: Path, tok: Tokenizer, seed: int) -> None:
+    rng = random.Random(seed)
+    data = tmp_path / "data"
+    make_corpus(data, rng)
+    pack_len = rng.randrange(100, 160)
+    body = corpus_recipe(data, pack_len=pack_len)
+    where, length, _ = first_overlong(data / "agentflan.jsonl", "agentflan", tok, "agentflan", pack_len)
+    expected = (f"{where}: the conversation is {length} tokens, longer than pack_len {pack_len} "
+                f"(overlong: error; use split or truncate)")
+    with pytest.raises(ValueError) as info:
+        prepare(recipe_from_dict({**body, "overlong": "error"}, data), tmp_path / "e")
+    assert str(info.value) == expected, f"seed {seed}"
+    # A repeat source's overlong document fails as soon as it is tokenized: before a bad
+    # record in a later file is reached.
+    strict_later = {"sources": [{"path": "agentflan.jsonl"}, {"path": "agentinstruct.json", "format": "agentinstruct"}],
+                    "pack_len": pack_len, "overlong": "error"}
+    with pytest.raises(ValueError) as info:
+        prepare(recipe_from_dict(strict_later, data), tmp_path / "e")
+    assert str(info.value) == expected and not isinstance(info.value, DataFormatError)
+    # A weighted source is checked once the mix is drawn; records of a JSON array are
+    # named by byte offset and line; every overlong document is counted.
+    weighted = {"sources": [{"path": "sharegpt.json", "format": "sharegpt", "weight": 1.0}], "pack_len": pack_len,
+                "overlong": "error", "template": "plain"}
+    where, length, count = first_overlong(data / "sharegpt.json", "sharegpt", tok, "plain", pack_len)
+    more = f"; {count - 1} more document(s) are longer too" if count > 1 else ""
+    with pytest.raises(ValueError) as info:
+        prepare(recipe_from_dict(weighted, data), tmp_path / "e")
+    assert str(info.value) == (f"{where}: the conversation is {length} tokens, longer than pack_len {pack_len} "
+                               f"(overlong: error; use split or truncate){more}"), f"seed {seed}"
+    assert leftovers(tmp_path) == [] and not (tmp_path / "e").exists()
+
+    m = prepare(recipe_from_dict({**body, "overlong": "truncate"}, data), tmp_path / "t")
+    split = prepare(recipe_from_dict(body, data), tmp_path / "s")
     over = m["totals"]["overlong"]
     assert over["documents"] == over["truncated"] > 0 and over["tokens_dropped"] > 0
     assert m["totals"]["tokens"] + over["tokens_dropped"] == split["totals"]["tokens"]
@@ -265,11 +380,90 @@ def test_command_line(tmp_path: Path) -> None:
     assert skipped.returncode == 0 and "skipped 1 bad loss, 2 unknown role" in skipped.stdout
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("sources: [data/agentflan.jsonl]\npack_len: 512\n")
+    recipe.write_text("sources: [{path: data/agentflan.jsonl, weight: 1.0}]\npack_len: 512\n")
     assert run("out3", "--recipe", str(recipe), "--seed", "3").returncode == 0
     assert json.loads((tmp_path / "out3" / "manifest.json").read_text())["seed"] == 3
     missing = run("out4", "--recipe", str(recipe), "--tokenizer", "none.model")
     assert missing.returncode == 1 and "tokenizer not found" in missing.stderr
+
+
+def test_command_line_defaults_verify_and_flag_errors(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "data", random.Random(4))
+    run = lambda *args: subprocess.run([sys.executable, str(REPO / "tools" / "prepare_data.py"), *args],
+                                       capture_output=True, text=True, cwd=tmp_path)
+    # No --pack-len, template or overlong anywhere: the trainer's defaults.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sources: [data/toolbench.jsonl]\n")
+    for out, args in (("a", ["--source", "data/toolbench.jsonl"]), ("b", ["--recipe", str(recipe)])):
+        done = run(out, *args)
+        assert done.returncode == 0, done.stderr
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert (manifest["pack_len"], manifest["template"], manifest["overlong"]) == (
+            DEFAULT_PACK_LEN, DEFAULT_TEMPLATE, DEFAULT_OVERLONG)
+
+    ok = run("a", "--verify")
+    assert ok.returncode == 0 and "shard files match the manifest" in ok.stdout, ok.stderr
+    tokens = tmp_path / "a" / "shard-00000.tokens.npy"
+    data = bytearray(tokens.read_bytes())
+    data[-1] ^= 1
+    tokens.write_bytes(bytes(data))
+    bad = run("a", "--verify")
+    assert bad.returncode == 1 and bad.stderr == (f"error: a/{tokens.name}: sha256 differs from the manifest's: the "
+                                                  f"file changed after it was prepared; prepare the data again\n")
+
+    for args, message in [(["a", "--verify", "--pack-len", "64"], "--pack-len does not apply to --verify"),
+                          (["a", "--verify", "--format", "sharegpt"], "--format does not apply to --verify"),
+                          (["c", "--recipe", str(recipe), "--format", "sharegpt"], "--format applies to --source"),
+                          (["c", "--source", "data/toolbench.jsonl", "--root", "data"], "--root applies to recipes"),
+                          (["c", "--source", "data/toolbench.jsonl", "--num-threads", "-1"], "--num-threads must be")]:
+        done = run(*args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+    assert not (tmp_path / "c").exists()
+
+    # An OSError (here: the output's parent is a file) is one error line naming the path.
+    (tmp_path / "blocker").write_text("")
+    done = run("blocker/out", "--source", "data/toolbench.jsonl")
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "blocker" in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--num-threads", "-1"], "--num-threads must be >= 0, got -1"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--root", "{data}"], "--root applies to recipes only"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--seed", "5"], "--seed applies to recipes only"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--mix-by", "conversations"], "--mix-by applies to recipes only"),
+    (["{out}", "--recipe", "{repeat}", "--seed", "5"], "--seed shapes the sampling of 'weight' sources"),
+    (["{out}", "--recipe", "{repeat}", "--mix-by", "conversations"], "--mix-by shapes the sampling of 'weight' sources"),
+    (["{out}", "--recipe", "{repeat}", "--format", "sharegpt"], "--format applies to --source files only"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--batch-chars", "0"], "--batch-chars must be >= 1, got 0"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--shard-tokens", "-4"], "--shard-tokens must be >= 1, got -4"),
+    (["{out}", "--source", "{data}/toolbench.jsonl", "--pack-len", "0"], "--pack-len must be >= 1, got 0"),
+    (["{prepared}", "--verify", "--pack-len", "64"], "--pack-len does not apply to --verify"),
+    (["{prepared}", "--verify", "--overwrite"], "--overwrite does not apply to --verify"),
+    (["{prepared}", "--source", "{data}/toolbench.jsonl"], "already holds a prepared dataset; pass --overwrite"),
+])
+def test_tool_flag_mistakes_are_one_error_line_naming_the_flag(args, message, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    make_corpus(data, random.Random(len(message)))
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "manifest.json").write_text("{}")
+    before = (tmp_path / "prepared" / "manifest.json").read_text()
+    (tmp_path / "repeat.yaml").write_text("sources: [{path: data/toolbench.jsonl, repeat: 2}]\n")
+    paths = {"out": tmp_path / "c", "data": data, "repeat": tmp_path / "repeat.yaml", "prepared": tmp_path / "prepared"}
+    rc = _load_tool().main([a.format(**{k: str(v) for k, v in paths.items()}) for a in args])
+    out, err = capsys.readouterr()
+    assert rc != 0 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert "overwrite=True" not in err and "batch_chars" not in err
+    assert not (tmp_path / "c").exists()
+    assert (tmp_path / "prepared" / "manifest.json").read_text() == before
 
 
 def check_plan_covers(plan, lengths: np.ndarray, msg: str) -> None:

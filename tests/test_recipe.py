@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from agentflan.data.defaults import DEFAULT_CORPUS, DEFAULT_TOKENIZER
+from agentflan.data.defaults import (
+    DEFAULT_CORPUS,
+    DEFAULT_OVERLONG,
+    DEFAULT_PACK_LEN,
+    DEFAULT_TEMPLATE,
+    DEFAULT_TOKENIZER,
+)
 from agentflan.data.recipe import (
     RecipeError,
     SourceSpec,
@@ -73,7 +80,9 @@ def test_full_recipe_resolves_paths_relative_to_the_recipe(tree: Path) -> None:
 def test_defaults_and_overrides(tree: Path) -> None:
     path = write_recipe(tree, {"sources": ["../data/a.jsonl"]})
     r = load_recipe(path)
-    assert (r.template, r.pack_len, r.overlong, r.seed, r.mix_by) == ("agentflan", 4096, "split", 0, "tokens")
+    assert (r.template, r.pack_len, r.overlong, r.seed, r.mix_by, r.packing) == (
+        DEFAULT_TEMPLATE, DEFAULT_PACK_LEN, DEFAULT_OVERLONG, 0, "tokens", "ffd")
+    assert (DEFAULT_TEMPLATE, DEFAULT_PACK_LEN, DEFAULT_OVERLONG) == ("agentflan", 1024, "split")
     assert r.tokenizer == DEFAULT_TOKENIZER and r.root == (tree / "recipes").resolve()
     r = load_recipe(path, {"pack_len": 512, "root": tree / "data", "tokenizer": tree / "tok/t.model"})
     assert r.pack_len == 512 and r.root == (tree / "data").resolve()
@@ -93,7 +102,8 @@ def test_absolute_and_command_line_paths_never_reach_outputs(tree: Path, monkeyp
 BAD = {
     "unknown key": ({"sources": ["../data/a.jsonl"], "pack_length": 9}, r"unknown key 'pack_length'"),
     "unknown source key": ({"sources": [{"path": "../data/a.jsonl", "wieght": 0.5}]},
-                           r"sources\[0\]: unknown key 'wieght' \(known: path, format, weight, repeat, skip_bad\)"),
+                           r"sources\[0\]: unknown key 'wieght' \(did you mean 'weight'\? known: path, format, weight, repeat, "
+                           r"skip_bad\)"),
     "missing file": ({"sources": ["../data/a.jsonl", "../data/missing.jsonl"]},
                      r"sources\[1\]: file not found: '../data/missing.jsonl' \(looked for .*data/missing.jsonl\)"),
     "glob without match": ({"sources": ["../data/*.parquet"]}, r"sources\[0\]: no file matches '../data/\*.parquet'"),
@@ -136,7 +146,51 @@ def test_bad_recipe_is_rejected_with_file_key_and_reason(tree: Path, case: str) 
     path = write_recipe(tree, body)
     with pytest.raises(RecipeError, match=pattern) as info:
         load_recipe(path)
-    assert str(info.value).startswith(str(path))
+    # The file, and the line of the key at fault (a missing key has none).
+    line = r"" if case == "no sources" else r":\d+"
+    assert re.match(rf"{re.escape(str(path))}{line}: ", str(info.value)), str(info.value)
+
+
+LINED = """\
+# a comment, then the keys
+template: agentflan
+sources:
+  - ../data/a.jsonl
+  - path: ../data/b.jsonl
+    {key}: {value}
+pack_len: {pack_len}
+"""
+
+
+@pytest.mark.parametrize("key,value,pack_len,pattern", [
+    ("wieght", "0.5", "512", r":6: sources\[1\]: unknown key 'wieght' \(did you mean 'weight'\? known: path, "),
+    ("weight", "2", "512", r":6: sources\[1\]: 'weight' must be a number"),
+    ("repeat", "0", "512", r":6: sources\[1\]: 'repeat' must be an integer"),
+    ("format", "alpaca", "512", r":6: sources\[1\]: unknown format 'alpaca'"),
+    ("repeat", "1", "-4", r":7: 'pack_len' must be a positive integer, got -4"),
+    ("pack_length", "9", "512", r":6: sources\[1\]: unknown key 'pack_length' \(known: path"),
+])
+def test_errors_name_the_line_of_the_key_and_suggest_a_close_one(tree: Path, key: str, value: str, pack_len: str,
+                                                                 pattern: str) -> None:
+    path = tree / "recipes" / "r.yaml"
+    path.write_text(LINED.format(key=key, value=value, pack_len=pack_len))
+    with pytest.raises(RecipeError, match=re.escape(str(path)) + pattern):
+        load_recipe(path)
+
+
+def test_missing_files_and_top_level_keys_are_named_by_line(tree: Path) -> None:
+    path = tree / "recipes" / "r.yaml"
+    path.write_text(LINED.format(key="repeat", value="1", pack_len="512").replace("b.jsonl", "missing.jsonl"))
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}:5: sources\[1\]: file not found"):
+        load_recipe(path)
+    path.write_text("sources: [../data/a.jsonl]\n\npack_lenght: 5\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}:3: unknown key 'pack_lenght' \(did you mean "
+                                          r"'pack_len'\? known: sources, "):
+        load_recipe(path)
+    # A value from the command line is not in the file: no line is named for it.
+    path.write_text("sources: [../data/a.jsonl]\npack_len: 512\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: 'pack_len' must be a positive integer, got 0"):
+        load_recipe(path, {"pack_len": 0})
 
 
 def test_unreadable_recipe_files(tree: Path) -> None:
@@ -155,6 +209,10 @@ def test_shipped_recipes() -> None:
     default = load_recipe(REPO / "recipes" / "default.yaml")
     assert default.files(0) == [DEFAULT_CORPUS] and default.tokenizer == DEFAULT_TOKENIZER
     assert default.sources[0].repeat == 1 and default.template == "agentflan"
+    # The default recipe packs as the trainer does by default: it writes none of the shared defaults.
+    assert (default.pack_len, default.template, default.overlong) == (DEFAULT_PACK_LEN, DEFAULT_TEMPLATE,
+                                                                       DEFAULT_OVERLONG)
+    assert not {"pack_len", "template", "overlong"} & set(yaml.safe_load((REPO / "recipes" / "default.yaml").read_text()))
 
     paper = load_recipe(REPO / "recipes" / "agentflan.yaml", check_files=False)
     agent = [s for s in paper.sources if s.format == "agentflan"]

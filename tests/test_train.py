@@ -1,75 +1,69 @@
-"""End-to-end training runs under torchrun: the loss falls, and data parallelism changes nothing but speed."""
+"""End-to-end training: the loss falls, data parallelism and gradient accumulation change nothing but
+speed, and a prepared folder trains exactly like the files it came from."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from agentflan.data.prepare import prepare
+from agentflan.data.recipe import recipe_from_files
 from agentflan.train import TrainConfig, lr_at
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _torchrun(nproc: int, out_dir: Path, *args: str) -> dict:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--standalone", str(ROOT / "tools" / "train.py"),
-        "--out-dir", str(out_dir), *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads((out_dir / "summary.json").read_text())
+from train_helpers import ROOT, error_lines, losses, micro, run_main, small_corpus, torchrun
 
 
-def _step_losses(out_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.slow
-def test_default_command_trains_and_saves_a_loadable_checkpoint(tmp_path):
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    summary = _torchrun(
-        1, tmp_path / "run", "--steps", "12", "--preset", "micro", "--pack-len", "512",
-        "--packs-per-step", "2", "--warmup-steps", "2", "--seed", seed,
-    )
-    assert summary["last_loss"] < summary["first_loss"] - 0.5, summary
-    losses = _step_losses(tmp_path / "run")
-    assert len(losses) == 12 and all(l == l for l in losses)  # one finite record a step
+def test_default_config_trains_on_two_fsdp_ranks_and_saves_a_loadable_model(tmp_path):
+    from transformers import LlamaForCausalLM
 
-    from agentflan.checkpoint import load_hf
+    run = tmp_path / "run"
+    proc = torchrun(2, ["--config", str(ROOT / "configs" / "default.yaml"), "--parallel", "fsdp", "--steps", "12",
+                        "--warmup-steps", "2", "--out-dir", str(run)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trained = [loss for loss in losses(run) if loss is not None]
+    assert len(losses(run)) == 12 and trained[-1] < trained[0] - 0.5, trained
+    assert (run / "final" / "tokenizer.model").is_file()
+    model = LlamaForCausalLM.from_pretrained(run / "final")
+    assert model.config.max_position_embeddings == 1024 and model.config.hidden_size == 256
 
-    model = load_hf(tmp_path / "run" / "final")
-    assert (tmp_path / "run" / "final" / "tokenizer.model").is_file()
-    assert model.config.vocab_size > 0
+
+COMMON = ["--steps", "3", "--global-batch", "4", "--no-save", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, corpus, module_seed):
+    """Per-step losses of one rank taking the whole global batch, without activation checkpointing."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    proc = torchrun(1, micro(corpus, run, module_seed, *COMMON))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return losses(run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_match_one_rank(tmp_path, parallel):
-    """Two ranks with half the packs each take the same steps as one rank with the whole global batch."""
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    common = ["--steps", "3", "--preset", "micro", "--pack-len", "256", "--warmup-steps", "1",
-              "--seed", seed, "--no-save", "--dtype", "fp32"]
-    _torchrun(1, tmp_path / "one", *common, "--packs-per-step", "4")
-    _torchrun(2, tmp_path / "two", *common, "--packs-per-step", "2", "--parallel", parallel)
-    one, two = _step_losses(tmp_path / "one"), _step_losses(tmp_path / "two")
-    assert one == pytest.approx(two, rel=1e-4), (seed, one, two)
+@pytest.mark.parametrize("parallel, ac", [("ddp", "none"), ("ddp", "full"), ("fsdp", "full"), ("ddp", "selective"),
+                                          ("fsdp", "selective")])
+def test_two_ranks_match_one_rank(tmp_path, corpus, module_seed, one_rank, parallel, ac):
+    """Two ranks with half the packs each take the same steps as one rank with the whole global batch,
+    with and without activation checkpointing (it recomputes the same values)."""
+    two = torchrun(2, micro(corpus, tmp_path / "two", module_seed, *COMMON, "--parallel", parallel, "--ac", ac))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert f"parallel {parallel}, fp32, activation checkpointing {ac}" in two.stdout
+    a, b = one_rank, losses(tmp_path / "two")
+    assert len(a) == 3 and [x is None for x in a] == [x is None for x in b]
+    assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=1e-6), (a, b)
 
 
-def test_grad_accumulation_matches_one_big_batch(tmp_path):
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    common = ["--steps", "2", "--preset", "micro", "--pack-len", "256", "--packs-per-step", "4",
-              "--warmup-steps", "1", "--seed", seed, "--no-save"]
-    from agentflan.train import main
-
-    main([*common, "--out-dir", str(tmp_path / "a")])
-    main([*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "b")])
-    a, b = _step_losses(tmp_path / "a"), _step_losses(tmp_path / "b")
-    assert a == pytest.approx(b, rel=1e-4), (seed, a, b)
+def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus, seed, capsys):
+    common = ["--steps", "2", "--global-batch", "4", "--no-save"]
+    assert run_main(micro(corpus, tmp_path / "a", seed, *common), capsys)[0] == 0
+    assert run_main(micro(corpus, tmp_path / "b", seed, *common, "--grad-accum", "2"), capsys)[0] == 0
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [x is None for x in a] == [x is None for x in b]
+    assert [x for x in a if x is not None] == pytest.approx([x for x in b if x is not None], rel=1e-6), (seed, a, b)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -81,70 +75,32 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_config_rejects_bad_accumulation():
-    with pytest.raises(ValueError, match="multiple of grad_accum"):
-        TrainConfig(packs_per_step=3, grad_accum=2)
+def test_prepared_folder_trains_exactly_like_the_jsonl_it_came_from(tmp_path, corpus, seed, capsys):
+    prepare(recipe_from_files([corpus], pack_len=256), tmp_path / "prepared")
+    common = ["--steps", "3", "--no-save"]
+    assert run_main(micro(corpus, tmp_path / "jsonl", seed, *common), capsys)[0] == 0
+    args = micro(tmp_path / "prepared", tmp_path / "shards", seed, *common)
+    assert run_main([a for a in args if a not in ("--pack-len", "256")], capsys)[0] == 0
+    assert losses(tmp_path / "jsonl") == losses(tmp_path / "shards"), seed
 
 
-def test_resume_continues_exactly(tmp_path):
-    """Steps after resuming from a training checkpoint equal those of the uninterrupted run."""
-    import shutil
-
-    from agentflan.train import main
-
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    common = ["--steps", "5", "--preset", "micro", "--pack-len", "256", "--packs-per-step", "2",
-              "--warmup-steps", "1", "--seed", seed, "--no-save", "--save-every", "2"]
-    main([*common, "--out-dir", str(tmp_path / "full")])
-    full = _step_losses(tmp_path / "full")
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_2", "step_4"]
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
-    main([*common, "--out-dir", str(resumed), "--resume"])
-    after = _step_losses(resumed)
-    assert len(after) == 3
-    assert after == pytest.approx(full[2:], rel=1e-6), (seed, full, after)
-
-
-def test_resume_without_checkpoint_fails_clearly(tmp_path):
-    from agentflan.train import main
-
-    with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
-        main(["--steps", "1", "--preset", "micro", "--pack-len", "256", "--out-dir", str(tmp_path), "--resume"])
-
-
-def test_prepared_folder_trains_exactly_like_the_jsonl_it_came_from(tmp_path):
-    from agentflan.data.defaults import DEFAULT_CORPUS
-    from agentflan.train import main
-
-    prep = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), str(tmp_path / "prepared"),
-         "--source", str(DEFAULT_CORPUS), "--pack-len", "256"],
-        capture_output=True, text=True,
-    )
-    assert prep.returncode == 0, prep.stdout + prep.stderr
-    seed = str(int.from_bytes(os.urandom(2), "little"))
-    common = ["--steps", "3", "--preset", "micro", "--pack-len", "256", "--packs-per-step", "2",
-              "--warmup-steps", "1", "--seed", seed, "--no-save"]
-    main([*common, "--out-dir", str(tmp_path / "jsonl")])
-    main([*common, "--data", str(tmp_path / "prepared"), "--out-dir", str(tmp_path / "shards")])
-    assert _step_losses(tmp_path / "jsonl") == pytest.approx(_step_losses(tmp_path / "shards"), rel=1e-6), seed
-
-
-def test_prepared_folder_rejects_another_tokenizer(tmp_path):
-    from agentflan.data.defaults import DEFAULT_CORPUS
-    from agentflan.train import main
-
-    prep = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), str(tmp_path / "prepared"),
-         "--source", str(DEFAULT_CORPUS), "--pack-len", "256"],
-        capture_output=True, text=True,
-    )
-    assert prep.returncode == 0, prep.stderr
+def test_prepared_folder_rejects_another_tokenizer(tmp_path, corpus, seed, capsys):
+    prepare(recipe_from_files([corpus], pack_len=256), tmp_path / "prepared")
     mistral_common = pytest.importorskip("mistral_common", reason="needs a second real tokenizer model")
     other = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    with pytest.raises(ValueError, match="pass the same --tokenizer"):
-        main(["--steps", "1", "--preset", "micro", "--data", str(tmp_path / "prepared"),
-              "--tokenizer", str(other), "--out-dir", str(tmp_path / "run")])
+    code, _, err = run_main(micro(tmp_path / "prepared", tmp_path / "run", seed, "--tokenizer", str(other)), capsys)
+    assert code == 1 and "pass the same --tokenizer" in error_lines(err)[0]
+
+
+def test_recipe_is_prepared_once_into_the_run_folder(tmp_path, corpus, seed, capsys):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(f"sources:\n  - {{path: {corpus}, format: agentflan}}\npack_len: 256\n")
+    args = [a for a in micro(corpus, tmp_path / "run", seed, "--no-save") if a != str(corpus)]
+    args.remove("--data")
+    code, out, _ = run_main([*args, "--recipe", str(recipe), "--steps", "3"], capsys)
+    assert code == 0 and "data: preparing" in out and (tmp_path / "run" / "data" / "manifest.json").is_file()
+    # The same data trains the same way whether it came from a recipe or the file itself.
+    assert run_main(micro(corpus, tmp_path / "direct", seed, "--steps", "3", "--no-save"), capsys)[0] == 0
+    assert losses(tmp_path / "run") == losses(tmp_path / "direct")
+    code, out, _ = run_main([*args, "--recipe", str(recipe), "--steps", "4"], capsys)
+    assert code == 0 and "prepared earlier" in out and "at step 3" in out

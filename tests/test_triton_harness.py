@@ -401,6 +401,9 @@ def test_bf16_casts():
     g = rng(seed)
     bf = (torch.randn(n, generator=g) * 1000).to(BF16)
     i32 = torch.randint(-(2**30), 2**30, (n,), generator=g, dtype=torch.int32)
+    # Just past a bf16 tie, by less than an fp32 ulp: fp32 rounds onto the tie, then bf16 rounds
+    # to even (torch and compiled Triton both go through fp32), unlike one correct rounding.
+    i32[:4] = torch.tensor([2**29 + 2**21 + 1, -(2**29 + 2**21 + 1), 2**30 + 2**22 + 3, 2**31 - 1])
     f16 = (torch.randn(n, generator=g) * 100).to(torch.float16)
     bf_in = bf.clone()
     to_f32, to_f16 = torch.empty(n), torch.empty(n, dtype=torch.float16)

@@ -307,8 +307,10 @@ def install_bf16_emulation() -> bool:
         if src_bf16:  # bf16 -> anything: exact to fp32, then the interpreter's own cast
             f32 = to_f32(src)
             return f32 if dst_type.scalar == tl.float32 else orig["cast_impl"](self, f32, dst_type)
-        # anything -> bf16: integers and fp16 are exact in float64; fp32/fp64 kept as they are
-        values = src.data if src.data.dtype in (np.float32, np.float64) else src.data.astype(np.float64)
+        # anything -> bf16. Integers go through fp32 first (round to nearest even twice), as
+        # compiled Triton lowers sitofp-to-bf16 and as torch casts: a large int32 near a bf16
+        # tie can round differently from a single correct rounding. fp16 is exact in fp32.
+        values = src.data if src.data.dtype in (np.float32, np.float64) else src.data.astype(np.float32)
         return handle_cls(f32_to_bf16_bits(values), bf16)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):

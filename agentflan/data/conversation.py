@@ -66,6 +66,12 @@ class RecordError(ValueError):
         super().__init__(reason)
 
 
+def place(path: str | os.PathLike, line: int, offset: int | None = None) -> str:
+    """Where a record is, as every data error names it: ``path:line`` for a JSONL line,
+    ``path: byte OFFSET (line LINE)`` for a record of a JSON array (line 1-based)."""
+    return f"{os.fspath(path)}:{line}" if offset is None else f"{os.fspath(path)}: byte {offset} (line {line})"
+
+
 class DataFormatError(ValueError):
     """A record of a data file that cannot be interpreted; the message names the file, the
     line (JSONL) or byte offset (JSON arrays, with the line for editors) and the reason."""
@@ -77,8 +83,7 @@ class DataFormatError(ValueError):
         self.offset = offset
         self.reason = reason
         self.kind = kind
-        where = f"{self.path}:{line}" if offset is None else f"{self.path}: byte {offset} (line {line})"
-        super().__init__(f"{where}: {reason}")
+        super().__init__(f"{place(self.path, line, offset)}: {reason}")
 
 
 def parse_loss(obj: dict, where: str) -> bool | None:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agentflan.data.packing import PackedBatch, PackPlan, build_batch, plan_packs
+from agentflan.data.conversation import Conversation, place
+from agentflan.data.defaults import DEFAULT_OVERLONG
+from agentflan.data.packing import OverlongDocumentError, PackedBatch, PackPlan, build_batch, plan_packs
 from agentflan.data.sources import SourceReader
 from agentflan.data.templates import encode_conversations
 from agentflan.tokenizer import Tokenizer
@@ -22,9 +24,21 @@ ENCODE_BATCH = 512  # conversations tokenized per call (the tokenizer spreads ea
 
 @dataclass(frozen=True)
 class EncodedCorpus:
+    """Every kept document's tokens and loss mask, and where each document came from.
+
+    Provenance costs 20 bytes a document (three arrays, no per-document objects):
+    ``doc_file[d]`` indexes ``files``, ``doc_line[d]`` is the 1-based line where its record
+    starts and ``doc_offset[d]`` the record's byte offset in a JSON array file (-1 in a
+    JSONL file, where the line alone names it). ``where(d)`` formats them as data errors do.
+    """
+
     tokens: np.ndarray  # int32 (total_tokens,) every kept document, concatenated
     loss_mask: np.ndarray  # uint8 (total_tokens,) 1 where the token is a training target
     doc_offsets: np.ndarray  # int64 (n_docs+1,)
+    files: tuple[str, ...]  # the files read, as given
+    doc_file: np.ndarray  # int32 (n_docs,) index into files
+    doc_line: np.ndarray  # int64 (n_docs,) 1-based line of the record's start
+    doc_offset: np.ndarray  # int64 (n_docs,) byte offset of the record in a JSON array file, -1 in JSONL
     n_read: int  # conversations read from the files
     n_untrained: int  # conversations left out because no token in them is trained
     reports: list[str] = field(default_factory=list)  # one line per file: counts, skips, truncation
@@ -37,6 +51,11 @@ class EncodedCorpus:
     def n_trained_tokens(self) -> int:
         return int(self.loss_mask.sum())
 
+    def where(self, doc: int) -> str:
+        """Document ``doc``'s source: ``path:line`` (JSONL) or ``path: byte N (line L)`` (JSON array)."""
+        offset = int(self.doc_offset[doc])
+        return place(self.files[int(self.doc_file[doc])], int(self.doc_line[doc]), offset if offset >= 0 else None)
+
 
 def encode_files(
     paths: Sequence[str | os.PathLike],
@@ -44,55 +63,83 @@ def encode_files(
     template: str,
     format: str = "auto",
     skip_bad: bool = False,
+    max_doc_tokens: int | None = None,
 ) -> EncodedCorpus:
     """Reads and tokenizes every conversation of the files (any supported source format).
 
-    Strict by default: a malformed record raises with its file and line or byte offset;
-    with skip_bad it is skipped and counted in the file's report line.
+    Strict by default: a malformed record raises ``DataFormatError`` with its file and line
+    or byte offset; with skip_bad it is skipped and counted in the file's report line.
+    ``max_doc_tokens`` (the pack length, under ``overlong="error"``): the first kept
+    document longer than this raises ``OverlongDocumentError`` naming its file and line as
+    soon as its batch is tokenized, before the rest of the data is read.
     """
     ids: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    n_read = n_untrained = 0
+    doc_files: list[np.ndarray] = []
+    doc_lines: list[np.ndarray] = []
+    doc_offsets: list[np.ndarray] = []
+    n_read = 0
     reports = []
+    files = tuple(os.fspath(p) for p in paths)
 
-    def flush(convs: list) -> None:
+    def flush(convs: list[Conversation], file_index: int) -> None:
         enc = encode_conversations(convs, tokenizer, template, num_threads=0)
         doc_len = np.diff(enc.offsets)
         trained_before = np.concatenate([[0], np.cumsum(enc.loss_mask, dtype=np.int64)])
         trained = trained_before[enc.offsets[1:]] > trained_before[enc.offsets[:-1]]  # (n_convs,)
+        if max_doc_tokens is not None:
+            too_long = np.flatnonzero(trained & (doc_len > max_doc_tokens))
+            if len(too_long):
+                conv = convs[int(too_long[0])]
+                raise OverlongDocumentError(sum(map(len, lengths)) + int(trained[: too_long[0]].sum()),
+                                            int(doc_len[too_long[0]]), max_doc_tokens,
+                                            place=place(conv.source, conv.line, conv.offset))
         keep = np.repeat(trained, doc_len)
         ids.append(enc.ids[keep])
         masks.append(enc.loss_mask[keep])
         lengths.append(doc_len[trained])
+        kept = [conv for conv, t in zip(convs, trained.tolist()) if t]
+        doc_files.append(np.full(len(kept), file_index, dtype=np.int32))
+        doc_lines.append(np.fromiter((c.line for c in kept), dtype=np.int64, count=len(kept)))
+        doc_offsets.append(np.fromiter((-1 if c.offset is None else c.offset for c in kept), dtype=np.int64,
+                                       count=len(kept)))
 
-    for path in paths:
+    for file_index, path in enumerate(paths):
         reader = SourceReader(path, format, skip_bad=skip_bad)
-        pending: list = []
+        pending: list[Conversation] = []
         for conv in reader:
             n_read += 1
             pending.append(conv)
             if len(pending) == ENCODE_BATCH:
-                flush(pending)
+                flush(pending, file_index)
                 pending = []
         if pending:
-            flush(pending)
+            flush(pending, file_index)
         reports.append(reader.report.summary())
-    doc_len = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    doc_len = cat(lengths, np.int64)
     n_untrained = n_read - len(doc_len)  # nothing to learn from; counted and reported by the caller
     offsets = np.zeros(len(doc_len) + 1, dtype=np.int64)
     np.cumsum(doc_len, out=offsets[1:])
-    tokens = np.concatenate(ids).astype(np.int32, copy=False) if ids else np.zeros(0, np.int32)
-    mask = np.concatenate(masks).astype(np.uint8, copy=False) if masks else np.zeros(0, np.uint8)
-    return EncodedCorpus(tokens, mask, offsets, n_read, n_untrained, reports)
+    return EncodedCorpus(cat(ids, np.int32), cat(masks, np.uint8), offsets, files, cat(doc_files, np.int32),
+                         cat(doc_lines, np.int64), cat(doc_offsets, np.int64), n_read, n_untrained, reports)
 
 
 class PackedDataset:
     """Packs an encoded corpus once, then serves disjoint per-rank batches, shuffled per epoch."""
 
-    def __init__(self, corpus: EncodedCorpus, pack_len: int, overlong: str = "split") -> None:
+    def __init__(self, corpus: EncodedCorpus, pack_len: int, overlong: str = DEFAULT_OVERLONG) -> None:
+        """Raises ``OverlongDocumentError`` naming the first overlong document's file and line
+        (and counting the others) under ``overlong="error"``."""
         self.corpus = corpus
-        self.plan: PackPlan = plan_packs(np.diff(corpus.doc_offsets), pack_len, overlong)
+        try:
+            self.plan: PackPlan = plan_packs(np.diff(corpus.doc_offsets), pack_len, overlong)
+        except OverlongDocumentError as err:
+            raise err.at(corpus.where(err.doc)) from None
 
     @property
     def n_packs(self) -> int:

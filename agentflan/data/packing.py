@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from agentflan import _C
+from agentflan.data.defaults import DEFAULT_OVERLONG
 
 OVERLONG_POLICIES = ("split", "truncate", "error")
 
@@ -82,6 +83,28 @@ class PackedBatch:
     max_seqlen: int
 
 
+class OverlongDocumentError(ValueError):
+    """Documents longer than a pack under ``overlong="error"``.
+
+    ``doc`` is the first such document (an index into the lengths given to ``plan_packs``),
+    ``length`` its tokens, ``n_overlong`` how many documents are too long. The message
+    starts with ``place``: where the document came from (see ``agentflan.data.conversation.place``)
+    when the caller knows it, else "document <doc>"; ``at(place)`` gives the same error
+    with the place filled in.
+    """
+
+    def __init__(self, doc: int, length: int, capacity: int, n_overlong: int = 1, place: str | None = None) -> None:
+        self.doc, self.length, self.capacity, self.n_overlong = doc, length, capacity, n_overlong
+        self.place = place if place is not None else f"document {doc}"
+        what = "the conversation" if place is not None else "the document"
+        more = f"; {n_overlong - 1} more document(s) are longer too" if n_overlong > 1 else ""
+        super().__init__(f"{self.place}: {what} is {length} tokens, longer than pack_len {capacity} "
+                         f"(overlong: error; use split or truncate){more}")
+
+    def at(self, place: str) -> OverlongDocumentError:
+        return OverlongDocumentError(self.doc, self.length, self.capacity, self.n_overlong, place)
+
+
 def _index_array(values: np.ndarray | Sequence[int], name: str) -> np.ndarray:
     """1-D int64 copy-free where possible; rejects non-integer input rather than rounding it."""
     array = np.asarray(values)
@@ -102,13 +125,14 @@ def _readonly(array: np.ndarray) -> np.ndarray:
 
 
 def plan_packs(
-    lengths: np.ndarray | Sequence[int], capacity: int, overlong: str = "split"
+    lengths: np.ndarray | Sequence[int], capacity: int, overlong: str = DEFAULT_OVERLONG
 ) -> PackPlan:
     """First-fit-decreasing packing of documents with `lengths` into packs of `capacity` tokens.
 
     Items are sorted by length descending (ties: document, then chunk, ascending) and each
     goes to the lowest-index pack with room. Empty documents are skipped; documents longer
-    than `capacity` are split into chunks, truncated, or rejected according to `overlong`.
+    than `capacity` are split into chunks, truncated, or rejected according to `overlong`
+    (``OverlongDocumentError`` naming the first one and counting them all).
     """
     if isinstance(capacity, bool):
         raise TypeError("capacity must be an int, got bool")
@@ -116,6 +140,11 @@ def plan_packs(
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     lengths = _index_array(lengths, "lengths")
+    if overlong == "error" and capacity > 0:
+        too_long = np.flatnonzero(lengths > capacity)
+        if len(too_long):
+            first = int(too_long[0])
+            raise OverlongDocumentError(first, int(lengths[first]), capacity, len(too_long))
     doc_index, doc_start, piece_len, pack_offsets, counts = _C.plan_packs(
         lengths, capacity, overlong
     )

@@ -16,7 +16,10 @@ with the number of documents, by a few integers each, which packing needs anyway
    with ``packing: fill`` the plan is then compacted (``fill_packs``);
 5. write: packs are cut into shards of at most ``shard_tokens`` tokens and each shard's
    pieces are copied from the spill files with positioned reads, in pack order, into
-   ``.npy`` files written front to back, followed by the manifest.
+   ``.npy`` files written front to back, followed by the manifest. Checksums are taken
+   from the bytes on their way to disk, never by reading a file back: each file's size
+   and sha256 (in the manifest) and each pack's CRC-32 (``pack_crc32.npy``), which the
+   loader checks (see ``agentflan.data.loader``).
 
 ``packing: fill`` trades whole conversations for pack efficiency. First-fit decreasing
 cannot do better than the document lengths allow: when many documents are a little
@@ -30,9 +33,11 @@ piece is trained as its own sequence, without the conversation before it.
 
 Everything is written into a temporary folder beside the output, which is renamed into
 place only when complete (the manifest is its last file), so an interrupted run never
-leaves a folder that looks like a dataset. The output is a function of the inputs alone:
-no timestamps, no absolute paths (files are named relative to the recipe's root, the
-tokenizer by name and sha256), deterministic order; rerunning gives the same bytes.
+leaves a folder that looks like a dataset, and a failed one never touches an earlier
+dataset. Folders and files get the modes the umask gives, as any file the user creates.
+The output is a function of the inputs alone: no timestamps, no absolute paths (files
+are named relative to the recipe's root, the tokenizer by name and sha256), deterministic
+order; rerunning gives the same bytes.
 """
 
 from __future__ import annotations
@@ -42,40 +47,89 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from agentflan.data.conversation import Conversation
-from agentflan.data.loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_ARRAYS, shard_file
-from agentflan.data.packing import PackPlan, plan_packs
+from agentflan.data.conversation import Conversation, place
+from agentflan.data.loader import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, SHARD_ARRAYS, sha256_file, shard_file
+from agentflan.data.packing import OverlongDocumentError, PackPlan, plan_packs
 from agentflan.data.recipe import Recipe, Selection, select_documents
 from agentflan.data.sources import SourceReader
 from agentflan.data.templates import encode_conversations
 from agentflan.tokenizer import Tokenizer
 
-_COPY_BUFFER = 4 << 20  # token bytes gathered in memory before a write
+SHARD_TOKENS = 1 << 28  # default: the most tokens in one shard (1 GiB of token ids)
+BATCH_CHARS = 8 << 20  # default: characters of conversation text tokenized at once
+_COPY_BUFFER = 2 << 20  # token bytes gathered in memory before a write (two such chunks are in flight)
 _MIN_FILL = 32  # room smaller than this stays empty under packing "fill": too short a piece to teach much
 
 
-def _npy_header(dtype: type, length: int) -> bytes:
+def _npy_header(dtype: type, shape: tuple[int, ...]) -> bytes:
     out = io.BytesIO()
     np.lib.format.write_array_header_1_0(out, {"descr": np.dtype(dtype).str, "fortran_order": False,
-                                               "shape": (length,)})
+                                               "shape": shape})
     return out.getvalue()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Names ``path`` in an OSError that names no file (a full disk or quota fails a write,
+    whose error carries no file name)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        named = OSError(f"{path}: cannot write ({err.strerror or err})")
+        named.errno = err.errno
+        raise named from err
+
+
+def _make_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new, uniquely named folder in ``parent`` with the mode the umask gives (shared runs
+    on a cluster need group access; ``tempfile.mkdtemp`` would force 0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free temporary name {prefix}*{suffix} after 100 tries")
+
+
+class _HashedFile:
+    """A file written front to back whose size and sha256 are kept as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        with _writing(path):
+            self.file: BinaryIO = open(path, "wb")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        with _writing(self.path):
+            self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def close(self) -> dict[str, Any]:
+        """Flushes to disk; returns the manifest's record of the file."""
+        with _writing(self.path):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        return {"bytes": self.size, "sha256": self.sha256.hexdigest()}
 
 
 @dataclass
@@ -97,35 +151,68 @@ class _Spill:
         self.lengths: list[np.ndarray] = []
         self.files: list[np.ndarray] = []  # index into the run's file list
         self.lines: list[np.ndarray] = []
+        self.offsets: list[np.ndarray] = []  # byte offset of the record in a JSON array, -1 in JSONL
         self.n_docs = 0
 
     def add(self, batch: list[Conversation], file_index: int, stats: _SourceStats, tokenizer: Tokenizer,
-            template: str, num_threads: int) -> None:
+            template: str, num_threads: int, max_tokens: int | None = None) -> None:
+        """Tokenizes ``batch`` and appends its documents with a trained token; one longer
+        than ``max_tokens`` raises OverlongDocumentError naming its file and line."""
         enc = encode_conversations(batch, tokenizer, template, num_threads)
         lengths = np.diff(enc.offsets)
         trained = np.add.reduceat(enc.loss_mask, enc.offsets[:-1], dtype=np.int64)
         keep = trained > 0
+        if max_tokens is not None:
+            too_long = np.flatnonzero(keep & (lengths > max_tokens))
+            if len(too_long):
+                i = int(too_long[0])
+                conv = batch[i]
+                raise OverlongDocumentError(self.n_docs + int(keep[:i].sum()), int(lengths[i]), max_tokens,
+                                            place=place(conv.source, conv.line, conv.offset))
         ids, mask = enc.ids, enc.loss_mask
         if not keep.all():
             tokens_kept = np.repeat(keep, lengths)
             ids, mask = ids[tokens_kept], mask[tokens_kept]
-        self.tokens.write(ids.tobytes())
-        self.mask.write(mask.tobytes())
+        with _writing(self.tokens_path):
+            self.tokens.write(ids.tobytes())
+        with _writing(self.mask_path):
+            self.mask.write(mask.tobytes())
         kept = lengths[keep]
+        kept_convs = [c for c, k in zip(batch, keep.tolist()) if k]
         self.lengths.append(kept)
         self.files.append(np.full(len(kept), file_index, dtype=np.int32))
-        self.lines.append(np.fromiter((c.line for c, k in zip(batch, keep) if k), dtype=np.int64, count=len(kept)))
+        self.lines.append(np.fromiter((c.line for c in kept_convs), dtype=np.int64, count=len(kept)))
+        self.offsets.append(np.fromiter((-1 if c.offset is None else c.offset for c in kept_convs), dtype=np.int64,
+                                        count=len(kept)))
         self.n_docs += len(kept)
         stats.documents += len(kept)
         stats.tokens += int(kept.sum())
         stats.trained_tokens += int(trained[keep].sum())
 
-    def close(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self.tokens.close()
-        self.mask.close()
+    def close(self) -> _Provenance:
+        with _writing(self.tokens_path):
+            self.tokens.close()
+        with _writing(self.mask_path):
+            self.mask.close()
+
         def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-        return cat(self.lengths, np.int64), cat(self.files, np.int32), cat(self.lines, np.int64)
+        return _Provenance(cat(self.lengths, np.int64), cat(self.files, np.int32), cat(self.lines, np.int64),
+                           cat(self.offsets, np.int64))
+
+
+@dataclass(frozen=True)
+class _Provenance:
+    """Each spilled document's length and where it came from (arrays, in spill order)."""
+
+    lengths: np.ndarray  # int64 (n_docs,)
+    files: np.ndarray  # int32 (n_docs,) index into the run's file list
+    lines: np.ndarray  # int64 (n_docs,)
+    offsets: np.ndarray  # int64 (n_docs,) -1 for JSONL records
+
+    def place(self, doc: int, file_names: list[str]) -> str:
+        offset = int(self.offsets[doc])
+        return place(file_names[int(self.files[doc])], int(self.lines[doc]), offset if offset >= 0 else None)
 
 
 def _read_sources(recipe: Recipe, spill: _Spill, tokenizer: Tokenizer, num_threads: int, batch_chars: int,
@@ -136,6 +223,9 @@ def _read_sources(recipe: Recipe, spill: _Spill, tokenizer: Tokenizer, num_threa
     file_names: list[str] = []
     for s, spec in enumerate(recipe.sources):
         stats = _SourceStats(first_doc=spill.n_docs)
+        # Every document of a repeat source is in the mix: an overlong one fails at once,
+        # before the rest is read (a weighted source's are checked once the mix is drawn).
+        max_tokens = recipe.pack_len if recipe.overlong == "error" and spec.repeat is not None else None
         for file in recipe.files(s):
             file_names.append(str(file))
             reader = SourceReader(file, spec.format, skip_bad=spec.skip_bad)
@@ -145,10 +235,10 @@ def _read_sources(recipe: Recipe, spill: _Spill, tokenizer: Tokenizer, num_threa
                 batch.append(conv)
                 chars += sum(len(m.content) for m in conv.messages)
                 if chars >= batch_chars:
-                    spill.add(batch, len(file_names) - 1, stats, tokenizer, recipe.template, num_threads)
+                    spill.add(batch, len(file_names) - 1, stats, tokenizer, recipe.template, num_threads, max_tokens)
                     batch, chars = [], 0
             if batch:
-                spill.add(batch, len(file_names) - 1, stats, tokenizer, recipe.template, num_threads)
+                spill.add(batch, len(file_names) - 1, stats, tokenizer, recipe.template, num_threads, max_tokens)
             log(reader.report.summary())
             reader.report.path = recipe.display_path(s, file)  # what the manifest records
             stats.files.append(reader.report.to_dict())
@@ -243,47 +333,97 @@ def _shard_bounds(plan: PackPlan, shard_tokens: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _write_array(path: Path, dtype: type, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        f.write(_npy_header(dtype, len(array)))
-        f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
-        os.fsync(f.fileno())
+def _write_array(path: Path, dtype: type, array: np.ndarray) -> dict[str, Any]:
+    """Writes ``array`` as a .npy file; returns its size and sha256 for the manifest."""
+    out = _HashedFile(path)
+    array = np.ascontiguousarray(array, dtype=dtype)
+    out.write(_npy_header(dtype, array.shape))
+    out.write(array.tobytes())
+    return out.close()
+
+
+class _ShardWriter:
+    """Writes a shard's token and loss-mask files from chunks of whole packs, on a
+    background thread that also takes the checksums (each file's sha256, each pack's
+    CRC-32 of its token bytes and of its mask bytes) and the counts. Hashing and writing
+    release the GIL, so they run while the caller gathers the next chunk; one chunk is in
+    flight at a time, so memory stays at two chunks."""
+
+    def __init__(self, folder: Path, name: str, n_tokens: int, n_packs: int) -> None:
+        self.tokens = _HashedFile(folder / shard_file(name, "tokens"))
+        self.mask = _HashedFile(folder / shard_file(name, "loss_mask"))
+        self.tokens.write(_npy_header(np.int32, (n_tokens,)))
+        self.mask.write(_npy_header(np.uint8, (n_tokens,)))
+        self.crc = np.zeros((n_packs, 2), dtype=np.uint32)  # (n_packs, [tokens, loss_mask])
+        self.n_packs = 0  # packs written
+        self.trained, self.max_id = 0, -1
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future[None] | None = None
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, tokens: bytearray, mask: bytearray, pack_lens: list[int]) -> None:
+        """Queues a chunk: the packs of ``pack_lens`` tokens each, back to back."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._consume, tokens, mask, pack_lens)
+
+    def _consume(self, tokens: bytearray, mask: bytearray, pack_lens: list[int]) -> None:
+        tview, mview = memoryview(tokens), memoryview(mask)
+        at = 0
+        for n in pack_lens:
+            self.crc[self.n_packs] = zlib.crc32(tview[4 * at: 4 * (at + n)]), zlib.crc32(mview[at: at + n])
+            self.n_packs += 1
+            at += n
+        self.trained += int(np.count_nonzero(np.frombuffer(mask, dtype=np.uint8)))
+        self.max_id = max(self.max_id, int(np.frombuffer(tokens, dtype=np.int32).max()))
+        self.tokens.write(tokens)
+        self.mask.write(mask)
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        """Waits for the last chunk, flushes both files to disk; returns their manifest records."""
+        if self._pending is not None:
+            self._pending.result()
+        return {"tokens": self.tokens.close(), "loss_mask": self.mask.close()}
 
 
 def _write_shard(folder: Path, name: str, plan: PackPlan, packs: tuple[int, int], doc_ids: np.ndarray,
                  spill_offsets: np.ndarray, spill: _Spill) -> dict[str, Any]:
-    """Copies the pieces of packs [first, last) from the spill files into the shard's arrays."""
+    """Copies the pieces of packs [first, last) from the spill files into the shard's arrays,
+    with the checksums the loader verifies (``_ShardWriter``)."""
     first, last = packs
     k0, k1 = int(plan.pack_offsets[first]), int(plan.pack_offsets[last])
     piece_len = plan.piece_len[k0:k1]
     n_tokens = int(piece_len.sum())
     source = spill_offsets[doc_ids[plan.doc_index[k0:k1]]] + plan.doc_start[k0:k1]
-    trained = 0
+    pack_ends = set((plan.pack_offsets[first + 1: last + 1] - k0).tolist())  # piece count after each pack
     with open(spill.tokens_path, "rb") as tin, open(spill.mask_path, "rb") as min_, \
-            open(folder / shard_file(name, "tokens"), "wb") as tout, \
-            open(folder / shard_file(name, "loss_mask"), "wb") as mout:
-        tout.write(_npy_header(np.int32, n_tokens))
-        mout.write(_npy_header(np.uint8, n_tokens))
+            _ShardWriter(folder, name, n_tokens, last - first) as writer:
         tfd, mfd = tin.fileno(), min_.fileno()
-        tbuf, mbuf = bytearray(), bytearray()
-        for start, length in zip(source.tolist(), piece_len.tolist()):
+        tbuf, mbuf, pack_lens, pack_start = bytearray(), bytearray(), [], 0
+        for k, (start, length) in enumerate(zip(source.tolist(), piece_len.tolist()), start=1):
             tbuf += os.pread(tfd, 4 * length, 4 * start)
             mbuf += os.pread(mfd, length, start)
-            if len(tbuf) >= _COPY_BUFFER:
-                trained += int(np.count_nonzero(np.frombuffer(mbuf, dtype=np.uint8)))
-                tout.write(tbuf)
-                mout.write(mbuf)
-                tbuf, mbuf = bytearray(), bytearray()
-        trained += int(np.count_nonzero(np.frombuffer(mbuf, dtype=np.uint8)))
-        tout.write(tbuf)
-        mout.write(mbuf)
-        os.fsync(tout.fileno())
-        os.fsync(mout.fileno())
+            if k in pack_ends:
+                pack_lens.append(len(mbuf) - pack_start)
+                pack_start = len(mbuf)
+                if len(tbuf) >= _COPY_BUFFER:
+                    writer.submit(tbuf, mbuf, pack_lens)
+                    tbuf, mbuf, pack_lens, pack_start = bytearray(), bytearray(), [], 0
+        if pack_lens:
+            writer.submit(tbuf, mbuf, pack_lens)
+        files = writer.close()
     pieces = np.zeros(len(piece_len) + 1, dtype=np.int64)
     np.cumsum(piece_len, out=pieces[1:])
-    _write_array(folder / shard_file(name, "pieces"), np.int64, pieces)
-    _write_array(folder / shard_file(name, "packs"), np.int64, plan.pack_offsets[first: last + 1] - k0)
-    return {"name": name, "packs": last - first, "pieces": k1 - k0, "tokens": n_tokens, "trained_tokens": trained}
+    files["pieces"] = _write_array(folder / shard_file(name, "pieces"), np.int64, pieces)
+    files["packs"] = _write_array(folder / shard_file(name, "packs"), np.int64, plan.pack_offsets[first: last + 1] - k0)
+    files["pack_crc32"] = _write_array(folder / shard_file(name, "pack_crc32"), np.uint32, writer.crc)
+    return {"name": name, "packs": last - first, "pieces": k1 - k0, "tokens": n_tokens,
+            "trained_tokens": writer.trained, "max_token_id": writer.max_id, "files": files}
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -292,14 +432,17 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    _check_replaceable(out, overwrite)
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    check_replaceable(out, overwrite)
+    old = _make_dir(out.parent, f".{out.name}.old-")
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old)
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
+def check_replaceable(out: str | os.PathLike, overwrite: bool, how: str = "overwrite=True") -> None:
+    """Raises FileExistsError unless ``out`` is absent, an empty folder, or a prepared dataset
+    that ``overwrite`` allows to replace; ``how`` names the way to allow it in the message."""
+    out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -309,8 +452,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out} exists and is not a prepared dataset (no {MANIFEST_NAME}); "
                                   f"refusing to replace it")
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True (--overwrite) "
-                                  f"to replace it")
+            raise FileExistsError(f"{out} already holds a prepared dataset; pass {how} to replace it")
 
 
 def prepare(
@@ -318,8 +460,8 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     num_threads: int = 0,
-    batch_chars: int = 8 << 20,
-    shard_tokens: int = 1 << 28,
+    batch_chars: int = BATCH_CHARS,
+    shard_tokens: int = SHARD_TOKENS,
     overwrite: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
@@ -328,22 +470,29 @@ def prepare(
     ``num_threads``: tokenizer threads (0 = all cores); ``batch_chars``: characters of
     conversation text tokenized at once (bounds memory); ``shard_tokens``: the most
     tokens in one shard. None of them changes the output's content except the shard split.
-    Raises DataFormatError for bad records (unless the source skips them), ValueError for
-    an overlong document under ``overlong: error`` or a mix with no document.
+    Raises DataFormatError for bad records (unless the source skips them),
+    OverlongDocumentError (a ValueError) naming the file and line of the first overlong
+    document under ``overlong: error`` (a repeat source's as soon as it is tokenized),
+    ValueError for a mix with no document, FileExistsError for an ``out_dir`` that is
+    not a dataset to replace, and OSError naming the file a write failed on.
+
+    The folder and its files get the modes the umask gives (e.g. 0755 and 0644 under
+    umask 022), like any file the user creates.
     """
     if batch_chars < 1 or shard_tokens < 1:
         raise ValueError(f"batch_chars and shard_tokens must be positive, got {batch_chars}, {shard_tokens}")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _check_replaceable(out, overwrite)
+    check_replaceable(out, overwrite)
     tokenizer = Tokenizer(recipe.tokenizer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = _make_dir(out.parent, f".{out.name}.", ".tmp")
     try:
         spill = _Spill(tmp)
         try:
             stats, file_names = _read_sources(recipe, spill, tokenizer, num_threads, batch_chars, log)
         finally:
-            lengths, doc_files, doc_lines = spill.close()
+            docs = spill.close()
+        lengths = docs.lengths
         units = [lengths[st.first_doc: st.first_doc + st.documents] for st in stats]
         if recipe.mix_by == "conversations":
             units = [np.ones(len(u), dtype=np.int64) for u in units]
@@ -355,9 +504,10 @@ def prepare(
         doc_lengths = lengths[doc_ids]
         overlong = doc_lengths > recipe.pack_len
         if recipe.overlong == "error" and overlong.any():
-            d = int(doc_ids[np.argmax(overlong)])
-            raise ValueError(f"{file_names[doc_files[d]]}:{doc_lines[d]}: the conversation is {lengths[d]} tokens, "
-                             f"longer than pack_len {recipe.pack_len} (overlong: error; use split or truncate)")
+            first = int(np.argmax(overlong))
+            d = int(doc_ids[first])
+            raise OverlongDocumentError(first, int(lengths[d]), recipe.pack_len, len(np.unique(doc_ids[overlong])),
+                                        place=docs.place(d, file_names))
         plan = plan_packs(doc_lengths, recipe.pack_len, recipe.overlong)
         fill = None
         if recipe.packing == "fill":
@@ -373,8 +523,9 @@ def prepare(
         spill.mask_path.unlink()
 
         manifest = _manifest(recipe, tokenizer, stats, selection, plan, fill, shards, doc_lengths, overlong)
-        with open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
+        with _writing(tmp / MANIFEST_NAME), open(tmp / MANIFEST_NAME, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            f.flush()
             os.fsync(f.fileno())
         _replace_dir(tmp, out, overwrite)
     except BaseException:
@@ -416,6 +567,7 @@ def _manifest(recipe: Recipe, tokenizer: Tokenizer, stats: list[_SourceStats], s
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "arrays": {name: np.dtype(dtype).str for name, dtype in SHARD_ARRAYS.items()},
+        "overlong": recipe.overlong,
         "template": recipe.template,
         "pack_len": recipe.pack_len,
         "mix_by": recipe.mix_by,
@@ -434,6 +586,7 @@ def _manifest(recipe: Recipe, tokenizer: Tokenizer, stats: list[_SourceStats], s
             "documents": int(len(doc_lengths)),
             "tokens": s.real_tokens,
             "trained_tokens": sum(sh["trained_tokens"] for sh in shards),
+            "max_token_id": max(sh["max_token_id"] for sh in shards),
             "packs": s.n_packs,
             "pieces": s.n_pieces,
             "packing": recipe.packing,

@@ -57,6 +57,7 @@ from agentflan.data.conversation import (
     parse_agentflan_record,
     parse_id,
     parse_loss,
+    place,
 )
 
 FORMATS = ("agentflan", "agentinstruct", "toolbench", "sharegpt")
@@ -201,6 +202,11 @@ _WS = re.compile(r"[ \t\n\r]*")
 # inside a string) a lone quote.
 _SCAN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[][{}]|"', re.S)
 _SCALAR = re.compile(r"[-+.0-9A-Za-z]*")
+# What json.JSONDecoder reports past the error position when the text was cut short inside
+# a token: a \uXXXX escape, a number's fraction or exponent, or a literal (NaN and Infinity too).
+_CUT_ESCAPE = re.compile(r"u[0-9a-fA-F]{0,4}")  # 4: cut right after a surrogate
+_CUT_TOKEN = re.compile(r"|\.|[eE][-+]?|-?(?:I(?:n(?:f(?:i(?:n(?:i(?:t)?)?)?)?)?)?)?|t(?:r(?:u)?)?|"
+                        r"f(?:a(?:l(?:s)?)?)?|n(?:u(?:l)?)?|N(?:a)?")
 _PAIRS = {"}": "{", "]": "["}
 _OPEN, _CLOSED, _LOST = 0, 1, 2
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not valid UTF-8 (surrogateescape)
@@ -234,6 +240,38 @@ def _scan_value(buf: str, pos: int) -> tuple[int, int]:
             if not stack:
                 return _CLOSED, m.end()
     return _OPEN, -1
+
+
+def _cut_short(err: json.JSONDecodeError) -> bool:
+    """True when the decode error means the text ends too early (a complete file may fix
+    it), False when it lies inside the text (no continuation makes it valid), e.g. an
+    invalid escape that threw the bracket-and-quote scan off the record's real end."""
+    if err.msg.startswith("Unterminated string"):
+        return True
+    tail = err.doc[err.pos:]
+    if err.msg.startswith("Invalid \\uXXXX escape"):
+        return _CUT_ESCAPE.fullmatch(tail) is not None
+    return _CUT_TOKEN.fullmatch(tail.rstrip(" \t\n\r")) is not None
+
+
+def _column_of(path: str, offset: int) -> int:
+    """1-based character column of the byte at ``offset`` (json's column: a BOM does not
+    count, an undecodable byte counts as one character)."""
+    start = offset
+    with open(path, "rb") as f:
+        while start > 0:
+            step = min(start, 1 << 16)
+            f.seek(start - step)
+            newline = f.read(step).rfind(b"\n")
+            start -= step
+            if newline >= 0:
+                start += newline + 1
+                break
+        f.seek(start)
+        head = f.read(offset - start)
+    if start == 0 and head.startswith(codecs.BOM_UTF8):
+        head = head[len(codecs.BOM_UTF8):]
+    return len(head.decode("utf-8", "surrogateescape")) + 1
 
 
 class _TruncatedFile(Exception):
@@ -318,6 +356,19 @@ class _ArrayReader:
         """Drops the invalid bytes already passed (they belonged to the record just read)."""
         self.bad_bytes = [b for b in self.bad_bytes if b >= self.byte]
 
+    def _position(self, line: int, offset: int, pos: int) -> str:
+        """``pos`` (in the buffer, inside the record starting at ``self.pos``, file line
+        ``line`` and byte ``offset``) as json reports a place in the whole file: line and
+        character column, plus the byte offset. Error path only: the record's own column
+        may need a look back in the file for the start of its line."""
+        at = offset + self._bytes_between(self.pos, pos)
+        newlines = self.buf.count("\n", self.pos, pos)
+        if newlines:
+            column = pos - self.buf.rindex("\n", self.pos, pos)
+        else:
+            column = _column_of(self.path, offset) + pos - self.pos
+        return f"line {line + newlines} column {column}, byte {at}"
+
     def _syntax_error(self, reason: str) -> DataFormatError:
         return DataFormatError(self.name, self.line, reason, offset=self.byte, kind="array syntax")
 
@@ -332,16 +383,22 @@ class _ArrayReader:
             except json.JSONDecodeError as err:
                 status, end = _scan_value(self.buf, self.pos)
                 if status == _CLOSED:
-                    at = offset + self._bytes_between(self.pos, err.pos)
+                    at = self._position(line, offset, err.pos)
                     self._advance(end)
                     self._forget_bad_bytes()
-                    return RecordError("invalid JSON", f"invalid JSON ({err.msg} at byte {at})"), line, offset
+                    return RecordError("invalid JSON", f"invalid JSON ({err.msg} at {at})"), line, offset
                 if status == _LOST:
-                    at = offset + self._bytes_between(self.pos, max(err.pos, end))
+                    at = self._position(line, offset, err.pos)
                     raise DataFormatError(
                         self.name, line,
-                        f"invalid JSON ({err.msg} at byte {at}) in a record whose end cannot be found, "
+                        f"invalid JSON ({err.msg} at {at}) in a record whose end cannot be found, "
                         f"so no record after it can be read", offset=offset, kind="invalid JSON") from None
+                if self.eof and not _cut_short(err):
+                    # The scan ran to the end of the file, but the error lies inside the data.
+                    at = self._position(line, offset, err.pos)
+                    raise DataFormatError(
+                        self.name, line, f"invalid JSON ({err.msg} at {at}) in a record whose end cannot "
+                        f"be found, so no record after it can be read", offset=offset, kind="invalid JSON") from None
                 if self.eof:
                     raise _TruncatedFile(Truncation(
                         offset, line, f"the file ends inside record {n_values + 1} "
@@ -403,17 +460,26 @@ class _ArrayReader:
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[object, int, int]]:
-    """Yields (value | RecordError, line, offset) for each non-blank line."""
+    """Yields (value | RecordError, line, offset) for each non-blank line.
+
+    Positions inside a bad line are the ones Python's json reports for the line alone
+    (1-based column, in characters) or, for bytes that are not UTF-8, the file's byte
+    offset: the line's own newline is not part of the record, so an error at its end is
+    at the end of the line, not at "column 1" of the next.
+    """
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             start = offset
             offset += len(raw)
+            body = raw[len(codecs.BOM_UTF8):] if lineno == 1 and raw.startswith(codecs.BOM_UTF8) else raw
             try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                text = body.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield RecordError("invalid UTF-8", f"not valid UTF-8 ({err.reason} at byte {err.start})"), lineno, start
+                at = offset - len(body) + err.start
+                yield RecordError("invalid UTF-8", f"not valid UTF-8 ({err.reason} at byte {at})"), lineno, start
                 continue
+            text = text.rstrip("\r\n")
             if not text.strip():
                 continue
             try:
@@ -483,7 +549,7 @@ class SourceReader:
 
     def _detect(self) -> str:
         for value, line, offset in self._raw():
-            where = f"{self.name}:{line}" if self.container == "jsonl" else f"{self.name}: byte {offset}"
+            where = place(self.name, line, offset if self.container == "array" else None)
             if isinstance(value, RecordError):
                 raise ValueError(f"{where}: cannot detect the format from the first record ({value}); "
                                  f"name the format ({', '.join(FORMATS)})")

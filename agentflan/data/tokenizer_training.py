@@ -28,8 +28,8 @@ def training_lines(corpus: str | os.PathLike) -> Iterator[str]:
     """The corpus as the agentflan template writes it, one text line at a time.
 
     SentencePiece trains on single lines, so newlines never end up inside a piece; that
-    keeps "\\n" a byte-fallback token, which the templates rely on (see
-    ``templates._encode_bare``).
+    keeps "\\n" a byte-fallback token, where the templates' segments may split (see
+    ``agentflan.data.templates``).
     """
     for conv in read_agentflan_jsonl(corpus):
         for msg in conv.messages:
