@@ -96,20 +96,29 @@ def test_cached_logits_equal_full_forward(seed, n_kv_heads):
 
 def test_cached_bf16_logits_are_as_accurate_as_the_bf16_forward(seed):
     """bf16 rounds differently on the two paths, so both are held to the fp32 model: the
-    cached path may not stray from it much further than training's bf16 forward does."""
+    cached path may not stray from it much further than training's bf16 forward does.
+
+    The errors are compared by RMS over every decoded logit: the largest single error is
+    one draw from a heavy tail (cached/forward ratio of maxima: median 0.98, max 1.88 over
+    2,000 seeds), the RMS is not (median 0.98, max 1.25). Bounds: RMS within 1.5x, and no
+    logit further off than 3x the forward's largest error (a defect on one position)."""
     fp32 = random_model(seed, vocab_size=300)
     bf16 = random_model(seed, vocab_size=300).to(torch.bfloat16)
     prompts, continuations = prompts_and_continuations(seed, 300)
     _, decoded = cached_logits(bf16, prompts, continuations)
-    cached_err = forward_err = 0.0
+    cached_errs, forward_errs = [], []
     for b, (prompt, cont) in enumerate(zip(prompts, continuations)):
         seq, n = torch.cat([torch.tensor(prompt), cont]), len(prompt)
         with torch.inference_mode():
-            truth, full = fp32(seq)[n:], bf16(seq)[n:].float()
-        cached = torch.stack([step[b] for step in decoded])
-        cached_err = max(cached_err, (cached - truth).abs().max().item())
-        forward_err = max(forward_err, (full - truth).abs().max().item())
-    assert cached_err <= 1.5 * forward_err, f"seed {seed}: cached {cached_err:.3e}, forward {forward_err:.3e}"
+            truth, full = fp32(seq)[n:], bf16(seq)[n:].float()  # (steps, vocab)
+        cached = torch.stack([step[b] for step in decoded])  # (steps, vocab)
+        cached_errs.append(cached - truth)
+        forward_errs.append(full - truth)
+    cached_err, forward_err = torch.cat(cached_errs), torch.cat(forward_errs)
+    cached_rms, forward_rms = cached_err.pow(2).mean().sqrt().item(), forward_err.pow(2).mean().sqrt().item()
+    assert cached_rms <= 1.5 * forward_rms, f"seed {seed}: RMS cached {cached_rms:.3e}, forward {forward_rms:.3e}"
+    cached_max, forward_max = cached_err.abs().max().item(), forward_err.abs().max().item()
+    assert cached_max <= 3 * forward_max, f"seed {seed}: max cached {cached_max:.3e}, forward {forward_max:.3e}"
 
 
 def test_generation_with_cache_equals_recomputation(seed):
