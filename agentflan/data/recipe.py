@@ -15,8 +15,9 @@ are tokenized and packed. A recipe is a YAML file::
     pack_len: 8192                    # tokens a pack
     overlong: split                   # split | truncate | error: documents longer than pack_len
     packing: ffd                      # ffd | fill (see agentflan.data.prepare)
-    seed: 0                           # sampling of weighted sources
+    seed: 0                           # sampling of weighted sources (an error without one)
     mix_by: tokens                    # tokens | conversations: the unit weights are measured in
+                                      # (an error without a weight source)
     skip_bad: false                   # count and skip bad records instead of stopping
 
 A key left out takes its value from ``RECIPE_DEFAULTS``; template, pack_len and overlong
@@ -323,12 +324,21 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         lines = _yaml_lines(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    file_keys = set(raw) if isinstance(raw, Mapping) else set()
     if isinstance(raw, Mapping) and overrides:
         raw = dict(raw)
         for key, value in overrides.items():
             raw[key] = str(Path(value).resolve()) if key in ("root", "tokenizer") else value
         lines = {k: line for k, line in lines.items() if k[0] not in overrides}
-    return recipe_from_dict(raw, path.parent, name=str(path), check_files=check_files, lines=lines)
+    recipe = recipe_from_dict(raw, path.parent, name=str(path), check_files=check_files, lines=lines)
+    if all(source.weight is None for source in recipe.sources):
+        # A key the file sets must act: without a 'weight' source nothing is sampled or measured.
+        for key in ("seed", "mix_by"):
+            if key in file_keys and key not in (overrides or {}):
+                raise RecipeError(f"{_at(str(path), lines, key)}: '{key}' shapes the sampling of 'weight' "
+                                  f"sources, and this recipe has none (every source is repeated whole); "
+                                  f"remove the key")
+    return recipe
 
 
 def recipe_from_files(paths: Sequence[str | os.PathLike], format: str = "auto", **settings: Any) -> Recipe:
