@@ -241,7 +241,8 @@ def test_dry_runs_of_one_gpu_plans(tmp_path, capsys):
     code, out, err = run_main(["--config", str(ROOT / "configs" / "llama2-7b-agentflan-lora.yaml"), "--dry-run",
                                "--gpu", "RTX 4090", *out_dir], capsys)
     assert code == 0 and "verdict: fits on RTX 4090" in out, err
-    assert "(39.98M trainable)" in out and "LoRA r=16 on 7 projection(s) (dropout 0.1), base frozen in bf16" in out
+    assert "(39.98M trainable)" in out and "LoRA r=16 alpha=32 dropout 0.1 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: " \
+        "39,976,960 trainable, base frozen in bf16" in out
     assert "final LoRA adapter (PEFT format) in float32" in out
     full = ["--config", str(ROOT / "configs" / "llama2-7b-agentflan.yaml"), "--dry-run", "--world-size", "1", "--gpu",
             "H100", "--ac", "full", "--grad-accum", "32", *out_dir]

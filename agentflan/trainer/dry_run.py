@@ -77,16 +77,11 @@ def estimate_plan(plan: RunPlan, world_size: int) -> memory.MemoryEstimate:
 
 def layout(plan: RunPlan, world_size: int) -> str:
     cfg = plan.cfg
-    ac = cfg.ac + (f" (every {cfg.ac_every or DEFAULT_AC_EVERY})" if cfg.ac == "selective" else "")
     precision = ("bf16" if plan.bf16 else "fp32") if plan.lora else memory.precision_for(plan.mode, plan.bf16)
     line = (f"parallel {plan.mode} over {world_size} rank(s){' with CPU offload' if cfg.cpu_offload else ''}, "
-            f"{precision} compute, activation checkpointing {ac}, {_packs_per_micro_batch(plan)} pack(s) of "
-            f"{cfg.pack_len} tokens a micro-batch, {_kernels(plan)} kernels")
-    if plan.lora is not None:
-        spec = plan.lora
-        line += (f", LoRA r={spec.rank} on {len(spec.targets)} projection(s) (dropout {spec.dropout:g}), base frozen "
-                 f"in {precision}")
-    return line
+            f"{precision} compute, activation checkpointing {plan.describe_ac()}, {_packs_per_micro_batch(plan)} "
+            f"pack(s) of {cfg.pack_len} tokens a micro-batch, {_kernels(plan)} kernels")
+    return line + (f"; {plan.describe_lora(precision)}" if plan.lora is not None else "")
 
 
 def describe(plan: RunPlan, world_size: int) -> str:

@@ -16,7 +16,7 @@ from agentflan.perf import peak_flops
 from agentflan.trainer import checkpointing
 from agentflan.trainer.checkpointing import TrainState
 from agentflan.trainer.collective import agree, from_main
-from agentflan.trainer.config import DEFAULT_AC_EVERY, TrainConfig, to_yaml
+from agentflan.trainer.config import TrainConfig, to_yaml
 from agentflan.data.dataset import PackedDataset
 from agentflan.trainer.data import Dataset, check_packs_train, check_trainable, load_data
 from agentflan.trainer.faults import FaultInjection, NonFiniteGuard, Preemption, check_something_trained, kill_self
@@ -122,16 +122,10 @@ def _model_line(plan: RunPlan, info: DistInfo) -> str:
         source = f"{cfg.init_from} ({how})"
     else:
         source = f"preset {cfg.preset} (initialised from seed {cfg.seed})"
-    ac = cfg.ac + (f" every {cfg.ac_every or DEFAULT_AC_EVERY}" if cfg.ac == "selective" else "")
     line = (f"{source}, {plan.model_config.num_params() / 1e6:.2f}M parameters, {info.world_size} rank(s) on "
             f"{info.device.type}, parallel {plan.mode}{', CPU offload' if cfg.cpu_offload else ''}, {cfg.dtype}, "
-            f"activation checkpointing {ac}")
-    if plan.lora is not None:
-        spec = plan.lora
-        line += (f"; LoRA r={spec.rank} alpha={spec.alpha:g}{' (rsLoRA)' if spec.rslora else ''} dropout "
-                 f"{spec.dropout:g} on {','.join(spec.targets)}: {plan.adapter_params:,} trainable, base "
-                 f"frozen in {cfg.dtype}")
-    return line
+            f"activation checkpointing {plan.describe_ac()}")
+    return line + (f"; {plan.describe_lora(cfg.dtype)}" if plan.lora is not None else "")
 
 
 def _begin(folder: RunFolder, plan: RunPlan, start: RunStart, say: Callable[[str], None],

@@ -32,7 +32,7 @@ from agentflan.distributed import DistInfo
 from agentflan.lora import LoraSpec, parse_targets
 from agentflan.tokenizer import Tokenizer
 from agentflan.trainer import config as options
-from agentflan.trainer.config import TrainConfig, check_options, flag
+from agentflan.trainer.config import DEFAULT_AC_EVERY, TrainConfig, check_options, flag
 from agentflan.trainer.errors import TrainError
 
 TOKENIZER_FILE = "tokenizer.model"  # the tokenizer a Hugging Face Llama folder carries
@@ -83,6 +83,19 @@ class RunPlan:
     def adapter_params(self) -> int:
         """Trainable adapter parameters (0 without LoRA: every parameter trains)."""
         return self.lora.num_params(self.model_config) if self.lora else 0
+
+    def describe_ac(self) -> str:
+        """'full', 'selective every 2', ...: the activation checkpointing applied."""
+        cfg = self.cfg
+        return cfg.ac + (f" every {cfg.ac_every or DEFAULT_AC_EVERY}" if cfg.ac == "selective" else "")
+
+    def describe_lora(self, base_precision: str) -> str:
+        """'LoRA r=16 alpha=32 dropout 0.1 on q_proj,...: 39,976,960 trainable, base frozen in bf16'."""
+        spec = self.lora
+        assert spec is not None, "describe_lora needs a LoRA run"
+        return (f"LoRA r={spec.rank} alpha={spec.alpha:g}{' (rsLoRA)' if spec.rslora else ''} dropout "
+                f"{spec.dropout:g} on {','.join(spec.targets)}: {self.adapter_params:,} trainable, base frozen "
+                f"in {base_precision}")
 
 
 def resolve(cfg: TrainConfig, info: DistInfo, checks: Checks | None = None) -> RunPlan:
