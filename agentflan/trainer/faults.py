@@ -169,17 +169,6 @@ class NonFiniteGuard:
                 f"--max-bad-steps", quiet=self.quiet)
 
 
-def check_something_trained(steps: int, skipped_steps: int, quiet: bool = False) -> None:
-    """Raises TrainError when every step of a finished run skipped its update (fewer than
-    --max-bad-steps in a row, so the guard let each one pass): its weights are the initial
-    ones, and a final model or exit status 0 would say otherwise."""
-    if steps > 0 and skipped_steps == steps:
-        raise TrainError(
-            f"none of the run's {steps} step(s) applied an update: each was skipped for a global batch without "
-            f"a trained token or a non-finite loss or gradient (metrics.jsonl's skip_reason says which), so "
-            f"nothing was trained and no final model is written", quiet=quiet)
-
-
 class FaultInjection:
     """The faults ``AGENTFLAN_TEST_FAULTS`` asks for (test suite only; empty otherwise)."""
 

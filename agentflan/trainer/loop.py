@@ -19,7 +19,7 @@ from agentflan.trainer.collective import agree, from_main
 from agentflan.trainer.config import TrainConfig, to_yaml
 from agentflan.data.dataset import PackedDataset
 from agentflan.trainer.data import Dataset, check_packs_train, check_trainable, load_data
-from agentflan.trainer.faults import FaultInjection, NonFiniteGuard, Preemption, check_something_trained, kill_self
+from agentflan.trainer.faults import FaultInjection, NonFiniteGuard, Preemption, kill_self
 from agentflan.trainer.metrics import MetricsLog, Progress, write_summary
 from agentflan.trainer.model_io import build_model, check_finite, loads_whole, save_final
 from agentflan.trainer.optim import build_optimizer, lr_at
@@ -193,7 +193,6 @@ def _loop(plan: RunPlan, info: DistInfo, model: torch.nn.Module, optimizer: torc
             progress.say(f"stopped by {preemption.name} after step {state.step}/{cfg.steps} ({where} in {cfg.out_dir}); "
                          f"run the same command to resume")
             return {"stopped": True, "step": state.step, "interrupted": preemption.interrupted}
-        check_something_trained(state.step, state.skipped_steps, quiet=not info.is_main)
         if cfg.save:
             check_finite(model, optimizer, info, "the final model")
             for line in save_final(model, plan, info):
