@@ -41,7 +41,9 @@ def _flat(state, prefix=""):
 def test_nonfinite_steps_are_skipped_and_change_nothing(tmp_path, corpus, seed, capsys, monkeypatch):
     monkeypatch.setenv("AGENTFLAN_TEST_FAULTS", "nan_loss@2,inf_grad@3")
     run = tmp_path / "run"
-    args = micro(corpus, run, seed, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "9", "--no-save")
+    # Packs of 1024 tokens: a step without a trained token, where nothing can be injected, is rare.
+    args = micro(corpus, run, seed, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "9", "--no-save",
+                 pack_len=1024)
     code, out, err = run_main(args, capsys)
     assert code == 0, err
     rec = records(run)
@@ -171,9 +173,11 @@ def test_ranks_agree_on_skips_and_errors(tmp_path, corpus, seed):
     """Under torchrun a gradient made non-finite on the last rank only is skipped by rank 0 too, and a
     mistake is printed once while every rank exits non-zero."""
     run = tmp_path / "run"
-    proc = torchrun(2, micro(corpus, run, seed, "--steps", "3", "--parallel", "ddp", "--no-save"),
+    proc = torchrun(2, micro(corpus, run, seed, "--steps", "3", "--parallel", "ddp", "--no-save", pack_len=1024),
                     AGENTFLAN_TEST_FAULTS="inf_grad@2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if records(run)[1]["skip_reason"] == "no_trained_tokens":  # both packs of step 2 empty: ~1 seed in 25,000
+        pytest.skip(f"seed {seed}: step 2 holds no trained token, so nothing was injected")
     assert records(run)[1]["skip_reason"] == "nonfinite"
     proc = torchrun(2, micro(corpus, tmp_path / "bad", seed, "--global-batch", "3"))
     assert proc.returncode != 0
