@@ -203,7 +203,20 @@ def test_unreadable_recipe_files(tree: Path) -> None:
         load_recipe(tree / "none.yaml")
     path = tree / "recipes" / "broken.yaml"
     path.write_text("sources: [a\n  - b: {")
-    with pytest.raises(RecipeError, match=r"broken.yaml: not valid YAML"):
+    with pytest.raises(RecipeError, match=r"broken.yaml:2:6: not valid YAML: while parsing a flow sequence"):
+        load_recipe(path)
+    path.write_text("sources:\n  - {path: a.jsonl, repeat: 1\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == (f"{path}:3:1: not valid YAML: while parsing a flow mapping begun on line 2, column 5; "
+                               f"expected ',' or '}}', but got the end of the file")
+    path.write_text("sources: [a.jsonl]\npack_len: 512\nsources:\n  - b.jsonl\n")  # the first list would be lost
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}:3:1: key 'sources' repeated (first on line 1); the later one would silently " \
+                              f"replace it"
+    path.write_text("sources:\n  - {path: a.jsonl, repeat: 1, repeat: 2}\n")
+    with pytest.raises(RecipeError, match=r"broken.yaml:2:32: key 'repeat' repeated \(first on line 2\)"):
         load_recipe(path)
     path.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match=r"a recipe is a mapping of keys, got list"):

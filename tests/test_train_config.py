@@ -90,12 +90,24 @@ def test_unknown_key_names_file_and_suggests_the_closest(tmp_path, capsys, no_he
     ("steps: 2.5\n", "key 'steps' must be an integer"),
     ("template: chatml\n", "key 'template' must be one of agentflan, llama2-chat, plain"),
     ("- lr\n", "a config file is a mapping"),
-    ("lr: [1\n", "not valid YAML"),
+    ("lr: [1\n", "run.yaml:2:1: not valid YAML: while parsing a flow sequence begun on line 1, column 5; "
+                  "expected ',' or ']', but got the end of the file"),
+    ("lr: 1e-5\nsteps: 3\nlr: 2e-5\n", "run.yaml:3:1: key 'lr' repeated (first on line 1)"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, capsys, no_heavy_work, text, message):
     config = tmp_path / "run.yaml"
     config.write_text(text)
     _refused(["--config", str(config)], capsys, tmp_path, message)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 0  # _refused read it: one line, nothing more
+
+
+def test_a_yaml_error_is_one_line(tmp_path, capsys, no_heavy_work):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 3\npreset: [tiny\n")
+    code, _, err = run_main(["--config", str(config)], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {config}:3:1: not valid YAML: while parsing a flow sequence begun on line 2, column 9; expected "
+        f"',' or ']', but got the end of the file"], err
 
 
 def test_flags_override_the_file_and_paths_are_relative_to_it(tmp_path, monkeypatch):

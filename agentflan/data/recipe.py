@@ -60,10 +60,16 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agentflan.data.defaults import DEFAULT_OVERLONG, DEFAULT_PACK_LEN, DEFAULT_TEMPLATE, DEFAULT_TOKENIZER
+from agentflan.data.defaults import (
+    DEFAULT_OVERLONG,
+    DEFAULT_PACK_LEN,
+    DEFAULT_TEMPLATE,
+    DEFAULT_TOKENIZER,
+)
 from agentflan.data.packing import OVERLONG_POLICIES
 from agentflan.data.sources import FORMATS
 from agentflan.data.templates import TEMPLATES
+from agentflan.yaml_files import YamlFileError, load_yaml
 
 MIX_UNITS = ("tokens", "conversations")
 PACKINGS = ("ffd", "fill")
@@ -320,10 +326,10 @@ def load_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     except FileNotFoundError:
         raise RecipeError(f"recipe not found: {path}") from None
     try:
-        raw = yaml.safe_load(text)
-        lines = _yaml_lines(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raw = load_yaml(text, str(path))
+    except YamlFileError as err:
+        raise RecipeError(str(err)) from None
+    lines = _yaml_lines(text)
     file_keys = set(raw) if isinstance(raw, Mapping) else set()
     if isinstance(raw, Mapping) and overrides:
         raw = dict(raw)

@@ -32,6 +32,7 @@ from agentflan.data.sources import FORMATS
 from agentflan.data.templates import TEMPLATES
 from agentflan.distributed import AC_MODES, PARALLEL_MODES
 from agentflan.trainer.errors import TrainError
+from agentflan.yaml_files import YamlFileError, load_yaml
 
 KERNELS = ("auto", "triton", "reference")
 DTYPES = ("auto", "fp32", "bf16")
@@ -243,9 +244,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as err:
         raise TrainError(f"{path}: cannot read the config file ({err.strerror or err})") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise TrainError(f"{path}: not valid YAML: {err}") from None
+        raw = load_yaml(text, str(path))
+    except YamlFileError as err:
+        raise TrainError(str(err)) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
