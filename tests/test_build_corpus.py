@@ -365,6 +365,23 @@ def test_cli_refuses_bad_options_with_one_error_line(tmp_path: Path, raw_files, 
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_an_undetectable_input_names_what_each_option_takes(tmp_path: Path, raw_files) -> None:
+    """build_corpus has no format option: its advice is what --input and --general take."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "a record of no known format"}) + "\n")
+    for args, words in (
+            (["--input", str(empty)], f"error: {empty}: no record to detect the format from; --input takes raw "
+                                      f"agent trajectories (agentinstruct or toolbench)"),
+            (["--input", str(other)], f"error: {other}:1: the first record fits no known format"),
+            (["--input", str(raw_files[0][0]), "--general", str(empty)],
+             f"error: {empty}: no record to detect the format from; --general takes ShareGPT chat files")):
+        proc = _cli(*args, "--output", str(tmp_path / "o.jsonl"))
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(words) and "name the format" not in proc.stderr, proc.stderr
+
+
 def _main_in_process():
     import importlib.util
 

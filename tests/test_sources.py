@@ -413,6 +413,10 @@ def test_jsonl_errors_report_the_column_json_reports_for_the_line(tmp_path: Path
     with pytest.raises(DataFormatError) as info:
         list(SourceReader(path, "sharegpt"))
     assert str(info.value) == f"{path}:21: invalid JSON (Expecting ',' delimiter at column 67)"
+    path.write_text(good + '\n{"id": "q\n', encoding="utf-8")  # json's own message ends in "starting at"
+    with pytest.raises(DataFormatError) as info:
+        list(SourceReader(path, "sharegpt"))
+    assert str(info.value) == f"{path}:2: invalid JSON (Unterminated string starting at column 8)"
 
     rng = random.Random(seed)
     for case in range(40):

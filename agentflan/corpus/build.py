@@ -45,7 +45,7 @@ from agentflan.corpus.parse import READERS
 from agentflan.data.conversation import DataFormatError, RecordError
 from agentflan.data.defaults import DEFAULT_PACK_LEN, DEFAULT_TOKENIZER
 from agentflan.data.recipe import recipe_from_dict
-from agentflan.data.sources import MAX_EXAMPLES, SourceReader
+from agentflan.data.sources import MAX_EXAMPLES, FormatDetectionError, SourceReader
 from agentflan.output_paths import OutputPathError, check_output_file
 from agentflan.tokenizer import Tokenizer
 from agentflan.toolworld.negatives import generate_negatives
@@ -173,6 +173,9 @@ def _open_inputs(inputs: Sequence[str | os.PathLike], skip_bad: bool) -> list[So
     for path in inputs:
         try:
             reader = SourceReader(path, skip_bad=skip_bad, name=str(path))
+        except FormatDetectionError as err:
+            raise BuildError(f"{err.reason}; --input takes raw agent trajectories ({' or '.join(RAW_FORMATS)})") \
+                from None
         except (FileNotFoundError, ValueError) as err:
             raise BuildError(str(err)) from None
         if reader.format not in RAW_FORMATS:
@@ -186,6 +189,8 @@ def _check_general(paths: Sequence[str | os.PathLike]) -> None:
     for path in paths:
         try:
             fmt = SourceReader(path, name=str(path)).format
+        except FormatDetectionError as err:
+            raise BuildError(f"{err.reason}; --general takes ShareGPT chat files") from None
         except (FileNotFoundError, ValueError) as err:
             raise BuildError(str(err)) from None
         if fmt != "sharegpt":

@@ -386,18 +386,18 @@ class _ArrayReader:
                     at = self._position(line, offset, err.pos)
                     self._advance(end)
                     self._forget_bad_bytes()
-                    return RecordError("invalid JSON", f"invalid JSON ({err.msg} at {at})"), line, offset
+                    return RecordError("invalid JSON", f"invalid JSON ({_json_error(err.msg, at)})"), line, offset
                 if status == _LOST:
                     at = self._position(line, offset, err.pos)
                     raise DataFormatError(
                         self.name, line,
-                        f"invalid JSON ({err.msg} at {at}) in a record whose end cannot be found, "
+                        f"invalid JSON ({_json_error(err.msg, at)}) in a record whose end cannot be found, "
                         f"so no record after it can be read", offset=offset, kind="invalid JSON") from None
                 if self.eof and not _cut_short(err):
                     # The scan ran to the end of the file, but the error lies inside the data.
                     at = self._position(line, offset, err.pos)
                     raise DataFormatError(
-                        self.name, line, f"invalid JSON ({err.msg} at {at}) in a record whose end cannot "
+                        self.name, line, f"invalid JSON ({_json_error(err.msg, at)}) in a record whose end cannot "
                         f"be found, so no record after it can be read", offset=offset, kind="invalid JSON") from None
                 if self.eof:
                     raise _TruncatedFile(Truncation(
@@ -485,7 +485,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[object, int, int]]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as err:
-                yield RecordError("invalid JSON", f"invalid JSON ({err.msg} at column {err.colno})"), lineno, start
+                reason = f"invalid JSON ({_json_error(err.msg, f'column {err.colno}')})"
+                yield RecordError("invalid JSON", reason), lineno, start
                 continue
             yield value, lineno, start
 
@@ -500,6 +501,21 @@ def detect_container(path: str | os.PathLike) -> str:
                 return "array" if rest[:1] == b"[" else "jsonl"
             head = f.read(4096)
     return "jsonl"
+
+
+def _json_error(message: str, where: str) -> str:
+    """json's message and the place: 'Expecting value at column 3', and 'Unterminated string
+    starting at column 3' (that message already ends in 'at')."""
+    return f"{message} {where}" if message.endswith(" at") else f"{message} at {where}"
+
+
+class FormatDetectionError(ValueError):
+    """A file whose format cannot be detected from its first record. ``reason`` says why;
+    the message adds the advice to name the format (a recipe's ``format``, --format)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; name the format ({', '.join(FORMATS)})")
 
 
 class SourceReader:
@@ -551,14 +567,12 @@ class SourceReader:
         for value, line, offset in self._raw():
             where = place(self.name, line, offset if self.container == "array" else None)
             if isinstance(value, RecordError):
-                raise ValueError(f"{where}: cannot detect the format from the first record ({value}); "
-                                 f"name the format ({', '.join(FORMATS)})")
+                raise FormatDetectionError(f"{where}: cannot detect the format from the first record ({value})")
             found = classify_record(value)
             if found is None:
-                raise ValueError(f"{where}: the first record fits no known format ({', '.join(FORMATS)}); "
-                                 "name the format")
+                raise FormatDetectionError(f"{where}: the first record fits no known format ({', '.join(FORMATS)})")
             return found
-        raise ValueError(f"{self.name}: no record to detect the format from; name the format ({', '.join(FORMATS)})")
+        raise FormatDetectionError(f"{self.name}: no record to detect the format from")
 
     def _bad(self, err: RecordError, line: int, offset: int) -> None:
         """Raises in strict mode; otherwise counts the record under its kind."""
