@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agentflan.cli import ArgumentParser
 from agentflan.corpus.build import ARMS, BuildError, BuildOptions, arm_options, build_corpus
 from agentflan.corpus.facets import parse_facet_weights
 from agentflan.data.conversation import DataFormatError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--input", action="append", required=True, metavar="RAW",
                         help="raw AgentInstruct or ToolBench file (JSONL or a JSON array); repeat for more")

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from agentflan.cli import ArgumentParser
 from agentflan.data.templates import TEMPLATES
 from agentflan.evaluate import EvalSettings, evaluate, format_table, load_agent, trained_form
 from agentflan.evaluate.agent import DEFAULT_MAX_NEW_TOKENS
@@ -44,7 +45,7 @@ DEFAULTS = EvalSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

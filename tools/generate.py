@@ -36,6 +36,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from agentflan.cli import ArgumentParser
 from agentflan.data.templates import TEMPLATES
 from agentflan.generate import (
     Generator,
@@ -50,7 +51,7 @@ from agentflan.kernels import KERNEL_BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -14,9 +14,11 @@ import json
 import os
 import sys
 
+from agentflan.cli import ArgumentParser
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON result per line instead of a table")
     parser.add_argument("--only", action="append", metavar="TEXT",
                         help="check only the configs whose name contains TEXT (repeatable; default: all)")

@@ -4,16 +4,16 @@ Raw AgentInstruct- and ToolBench-shaped trajectories of the tool world's train s
 by the same code as tools/build_corpus.py (agentflan.corpus.default); deterministic by seed.
 """
 
-import argparse
 import sys
 
+from agentflan.cli import ArgumentParser
 from agentflan.corpus.build import BuildError
 from agentflan.corpus.default import DEFAULT_SEED, DEFAULT_SIZE, manifest_path, write_corpus
 from agentflan.data.defaults import DEFAULT_CORPUS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_CORPUS), help="output JSONL path (missing folders are created)")
     parser.add_argument("--n", type=int, default=DEFAULT_SIZE, help="number of conversations")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")

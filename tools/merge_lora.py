@@ -18,13 +18,14 @@ import sys
 
 import torch
 
+from agentflan.cli import ArgumentParser
 from agentflan.adapter import merge_folders
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+    parser = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", metavar="BASE", help="the base model's Hugging Face folder")
     parser.add_argument("adapter", metavar="ADAPTER", help="the LoRA adapter folder (PEFT format)")

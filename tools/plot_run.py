@@ -9,10 +9,10 @@ Needs matplotlib (pip install 'agentflan[plot]').
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from agentflan.cli import ArgumentParser
 from agentflan.output_paths import OutputPathError, check_output_file
 from agentflan.trainer.errors import TrainError
 from agentflan.trainer.plot import plot_runs
@@ -40,7 +40,7 @@ def check_image_path(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding metrics.jsonl)")
     parser.add_argument("--out", help="image to write, replaced if it exists; its suffix picks the format "
                                       "(.png, .pdf, .svg, ...; default: RUN_DIR/curves.png of the first run)")

@@ -22,6 +22,7 @@ import argparse
 import sys
 import time
 
+from agentflan.cli import ArgumentParser
 from agentflan.data.conversation import DataFormatError
 from agentflan.data.loader import PreparedDataset
 from agentflan.data.packing import OVERLONG_POLICIES
@@ -40,7 +41,7 @@ from agentflan.data.templates import TEMPLATES
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("out", help="output folder (created; replaced only with --overwrite)")
     what = parser.add_mutually_exclusive_group(required=True)

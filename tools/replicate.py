@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import sys
 
+from agentflan.cli import ArgumentParser
 from agentflan.corpus.build import BuildError
 from agentflan.data.conversation import DataFormatError
 from agentflan.evaluate.replication import ARMS, SMOKE, Replication, ReplicationError, ReplicationSettings
@@ -36,7 +37,7 @@ DEFAULTS = ReplicationSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+    parser = ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", required=True, help="output folder (new, empty, or an earlier replication's)")
     parser.add_argument("--arms", default="A,B,C", help="arms to run now, comma-separated (default A,B,C)")

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agentflan.cli import ArgumentParser
 from agentflan.data.defaults import DEFAULT_CORPUS, DEFAULT_TOKENIZER
 from agentflan.data.templates import AGENTFLAN_SPECIAL_PIECES
 from agentflan.output_paths import OutputPathError, check_output_file
@@ -22,7 +23,7 @@ MIN_VOCAB_SIZE = 3 + 256 + len(AGENTFLAN_SPECIAL_PIECES) + 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="Agent-FLAN JSONL to train on")
     parser.add_argument("--out", default=str(DEFAULT_TOKENIZER), help="output .model path")

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import math
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from agentflan import memory
+from agentflan.cli import ArgumentParser
 from agentflan.config import PRESETS
 from agentflan.data.defaults import DEFAULT_PACK_LEN
 from agentflan.data.packing import OVERLONG_POLICIES
@@ -275,15 +275,6 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 # ---- command-line flags ----
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        # Under torchrun every rank parses the same flags: one prints.
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 # Options that exclude each other (check_options refuses both; parse_args names a config file's key).
 EXCLUSIVE = (("data", "recipe"), ("steps", "epochs"), ("warmup_steps", "warmup_ratio"))
 GIVEN = "_given"  # namespace attribute: each option's (flag as typed, value it set), in order
@@ -321,7 +312,7 @@ def _conflicting_flags(given: dict[str, list[tuple[str, Any, Any]]]) -> str | No
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of tools/train.py: one per TrainConfig field, plus --config."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="tools/train.py",
         description="Train a Llama on Agent-FLAN data (run under torchrun for several GPUs or processes).",
         epilog="Flags override the --config file; a flag given twice keeps its last value, except that list flags "
