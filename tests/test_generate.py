@@ -419,6 +419,7 @@ def broken_weights_folder(model_folder, tmp_path_factory) -> Path:
     (["{broken}", "--prompt", "hi", "--kernels", "triton", "--device", "cpu"], "Triton kernels, which need CUDA"),
     (["{broken}", "--messages", "{no_role}"], "norole.jsonl:1: message 0: expected"),
     (["{broken}", "--messages", "{tmp}/nothing.jsonl"], "nothing.jsonl: no such file"),
+    (["{broken}", "--messages", "{tmp}"], "a folder, not a file"),
 ])
 def test_tool_reports_user_mistakes_in_one_line_before_loading_weights(
     args, message, broken_weights_folder, model_folder, tmp_path, capsys

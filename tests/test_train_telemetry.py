@@ -99,7 +99,16 @@ def test_plot_draws_runs_overlaid(runs, tmp_path):
     assert missing.returncode == 1 and missing.stderr.startswith(f"error: {tmp_path / 'none'}: no metrics.jsonl")
 
 
-def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch):
+def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(TrainError, match=r"pip install 'agentflan\[plot\]'"):
         plot_runs([runs[0]], tmp_path / "x.png")
+    # The tool says the same whatever image format --out asks for (not that .pdf is no image suffix).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_run_tool", ROOT / "tools" / "plot_run.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ("c.pdf", "c.svg", "c.png"):
+        assert tool.main([str(runs[0]), "--out", str(tmp_path / name)]) == 1
+        assert capsys.readouterr().err == "error: plotting needs matplotlib: pip install 'agentflan[plot]'\n"

@@ -89,7 +89,7 @@ def read_messages(path: str) -> list[tuple[str, object, str | None]]:
     Raises ValueError naming file and line."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'a folder, not a file' if file.is_dir() else 'no such file'}")
     conversations = []
     with open(file, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):

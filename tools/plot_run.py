@@ -19,12 +19,12 @@ from agentflan.trainer.plot import plot_runs
 
 
 def image_suffixes() -> list[str]:
-    """The file suffixes matplotlib writes without LaTeX (.png, .pdf, .svg, ...; not .pgf);
-    [".png"] without matplotlib (plot_runs then says how to install it)."""
+    """The file suffixes matplotlib writes without LaTeX (.png, .pdf, .svg, ...; not .pgf).
+    Raises TrainError without matplotlib (how to install it)."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        return [".png"]
+        raise TrainError("plotting needs matplotlib: pip install 'agentflan[plot]'") from None
     return [f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes() if ext != "pgf"]
 
 

@@ -262,11 +262,11 @@ def _execution(cfg: TrainConfig, info: DistInfo, dry_run: bool) -> tuple[str, bo
         raise TrainError("--cpu-offload needs a CUDA GPU and none is visible: it keeps FSDP's shards, gradients and "
                          "optimizer state in pinned host memory and computes on the GPU")
     if cfg.kernels == "triton" and not dry_run:
-        if importlib.util.find_spec("triton") is None:
-            raise TrainError("--kernels triton needs the triton package (pip install triton)")
-        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":  # first: installing triton would not help
             raise TrainError("--kernels triton needs a CUDA GPU and none is visible: use --kernels reference, or set "
                              "TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on the CPU (slow)")
+        if importlib.util.find_spec("triton") is None:
+            raise TrainError("--kernels triton needs the triton package (pip install triton)")
     return mode, cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
 
 
