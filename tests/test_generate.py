@@ -510,7 +510,7 @@ def test_tool_messages_batch_writes_the_replies_chat_gives(model_folder, tmp_pat
 
 @pytest.mark.slow
 def test_tool_chat_session_through_stdin(model_folder):
-    session = "What is 2 + 2?\n/reset\nConvert 3 km to miles.\nAnd to feet?\n/exit\nnever read\n"
+    session = "What is 2 + 2?\n/reste\n/reset\n//km to miles: 3?\nAnd to feet?\n/exit\nnever read\n"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "generate.py"), str(model_folder), "--chat", "--system", "Be brief.",
          "--max-new-tokens", "8", "--device", "cpu"],
@@ -519,13 +519,14 @@ def test_tool_chat_session_through_stdin(model_folder):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.count("assistant> ") == 3 and "(new conversation)" in out and "never read" not in out
+    assert out.count("(unknown command /reste: /reset starts over, /exit quits; type //text to send /text)") == 1
     replies = [part.split("\n")[0] for part in out.split("assistant> ")[1:]]
     # The streamed replies are what the library gives for the same conversations.
     gen = Generator.from_folder(model_folder, device="cpu")
     params = SamplingParams(max_new_tokens=8)
     system = {"role": "system", "content": "Be brief."}
     first = gen.chat([[system, {"role": "user", "content": "What is 2 + 2?"}]], params)[0].text
-    second_history = [system, {"role": "user", "content": "Convert 3 km to miles."}]
+    second_history = [system, {"role": "user", "content": "/km to miles: 3?"}]
     second = gen.chat([second_history], params)[0].text
     third = gen.chat([second_history + [{"role": "assistant", "content": second},
                                         {"role": "user", "content": "And to feet?"}]], params)[0].text

@@ -25,7 +25,8 @@ them). It writes one JSON object a line: {"id", "reply", "finish_reason", "stop"
 "new_tokens"}, plus "reference" for a regenerated turn.
 
 In --chat, type a message and press Enter; /reset starts a new conversation (keeping
---system), /exit or end of input quits.
+--system), /exit or end of input quits. Any other single /word is refused as an unknown
+command; a message that starts with "/" is typed with "//" (one slash is sent).
 """
 
 from __future__ import annotations
@@ -175,6 +176,12 @@ def run_chat(gen: Generator, system: str | None, params: SamplingParams) -> None
             print("(new conversation)", flush=True)
             continue
         if not command:
+            continue
+        if command.startswith("//"):  # a message that starts with "/"
+            line = line.replace("/", "", 1)
+        elif command.startswith("/") and len(command.split()) == 1:
+            print(f"(unknown command {command}: /reset starts over, /exit quits; type //text to send /text)",
+                  flush=True)
             continue
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
