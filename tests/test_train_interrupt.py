@@ -17,9 +17,14 @@ def corpus(tmp_path_factory):
     return small_corpus(tmp_path_factory.mktemp("corpus"), n=60)
 
 
-def test_ctrl_c_checkpoints_the_step_and_exits_130(tmp_path, corpus, seed):
+@pytest.mark.parametrize("extra, hint", [
+    ([], "run the same command to resume"),
+    (["--resume", "never"], "to resume, run it again with --resume auto"),
+    (["--overwrite"], "to resume, run it again with --resume auto and without --overwrite"),
+])
+def test_ctrl_c_checkpoints_the_step_and_exits_130(tmp_path, corpus, seed, extra, hint):
     run = tmp_path / "run"
-    proc = start_process(micro(corpus, run, seed, "--steps", str(STEPS), "--no-save"))
+    proc = start_process(micro(corpus, run, seed, "--steps", str(STEPS), "--no-save", *extra))
     wait_for_steps(run, 2, proc)
     # The terminal's SIGINT and torchrun's forwarded copy, back to back: one request.
     proc.send_signal(signal.SIGINT)
@@ -31,7 +36,7 @@ def test_ctrl_c_checkpoints_the_step_and_exits_130(tmp_path, corpus, seed):
     assert len(stopped) == 1, out
     step = int(stopped[0].split("after step ")[1].split("/")[0])
     assert 2 <= step < STEPS and (run / "checkpoints" / f"step_{step}").is_dir(), out
-    assert "run the same command to resume" in stopped[0]
+    assert stopped[0].endswith(f"; {hint}"), stopped[0]
 
 
 _SECOND_CTRL_C = """

@@ -24,7 +24,7 @@ from agentflan.trainer.metrics import MetricsLog, Progress, write_summary
 from agentflan.trainer.model_io import build_model, check_finite, loads_whole, save_final
 from agentflan.trainer.optim import build_optimizer, lr_at
 from agentflan.trainer.plan import RunPlan, device_dtype, resolve, steps_from_data
-from agentflan.trainer.run_dir import RunFolder, RunStart, check_unfinished
+from agentflan.trainer.run_dir import RunFolder, RunStart, check_unfinished, resume_hint
 from agentflan.trainer.step import Stepper
 
 
@@ -191,7 +191,7 @@ def _loop(plan: RunPlan, info: DistInfo, model: torch.nn.Module, optimizer: torc
             where = f"checkpoint {checkpointing.FOLDER}/{checkpointing.PREFIX}{state.step}" if state.step > start_step \
                 else "nothing new to save"
             progress.say(f"stopped by {preemption.name} after step {state.step}/{cfg.steps} ({where} in {cfg.out_dir}); "
-                         f"run the same command to resume")
+                         + resume_hint(cfg))
             return {"stopped": True, "step": state.step, "interrupted": preemption.interrupted}
         if cfg.save:
             check_finite(model, optimizer, info, "the final model")

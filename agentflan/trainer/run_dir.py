@@ -217,6 +217,15 @@ def to_yaml_text(cfg: TrainConfig) -> str:
     return "# written by tools/train.py: the resolved options of this run (--config reads it back)\n" + to_yaml(cfg)
 
 
+def resume_hint(cfg: TrainConfig) -> str:
+    """How to continue a run that a signal stopped: the same command, unless its options
+    would not resume (--resume never starts over; --overwrite would replace the run)."""
+    if cfg.resume != "never" and not cfg.overwrite:
+        return "run the same command to resume"
+    drop = " and without --overwrite" if cfg.overwrite else ""
+    return f"to resume, run it again with --resume auto{drop}"
+
+
 def check_unfinished(path: str | Path, done: int, steps: int | None) -> None:
     if steps is not None and done >= steps:
         raise TrainError(f"{path} holds a run finished at step {done}; {flag('steps')} {steps} adds no step: pass "
