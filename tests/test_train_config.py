@@ -293,6 +293,13 @@ def test_damaged_checkpoints_are_named_before_work(tmp_path, capsys, no_heavy_wo
     _refused(args, capsys, tmp_path, f"{weights}: truncated")
     (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     _refused(args, capsys, tmp_path, "unusable config.json")
+    # A LoRA adapter folder (PEFT's files, no config.json) is named as one.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    args = micro(corpus, tmp_path / "run", seed, "--init-from", str(adapter))
+    _refused(args[:2] + args[4:], capsys, tmp_path, f"--init-from {adapter}: a LoRA adapter, not a model: give its "
+                                                    f"base model folder, or merge the adapter into it first")
 
 
 def test_non_finite_init_weights_are_refused(tmp_path, capsys, corpus, seed):

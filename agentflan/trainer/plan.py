@@ -302,6 +302,9 @@ def _checkpoint_config(folder: str, checks: Checks) -> ModelConfig | None:
     if not path.is_dir():
         checks.missing(f"--init-from {folder}: missing (no such folder)")
         return None
+    if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise TrainError(f"--init-from {folder}: a LoRA adapter, not a model: give its base model folder, or merge "
+                         f"the adapter into it first (tools/merge_lora.py BASE {folder} OUT)")
     try:
         model_config = checkpoint.load_config(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
