@@ -352,12 +352,14 @@ def test_the_three_arms_from_the_same_raw_files(tmp_path: Path, raw_files) -> No
     (["--instruct-samples", "100000"], "instruction-following samples"),
     (["--general", "GENERAL_AS_INPUT"], "--input takes raw agent trajectories"),
     (["--arm", "full"], "--general"),
+    (["--input", "INPUT", "--input", "INPUT"], "the same file as --input"),
 ])
 def test_cli_refuses_bad_options_with_one_error_line(tmp_path: Path, raw_files, args: list[str], words: str) -> None:
     inputs, _ = raw_files
     general = _sharegpt(tmp_path / "sharegpt.json", random.Random(1), 5)
     if args[0] == "--general":
         args = ["--input", str(general)]
+    args = [str(inputs[0]) if a == "INPUT" else a for a in args]
     base = [] if args[0] == "--input" else ["--input", str(inputs[0])]
     out = tmp_path / "o.jsonl"
     proc = _cli(*base, *args, "--output", str(out))

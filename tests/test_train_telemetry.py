@@ -112,3 +112,5 @@ def test_plot_without_matplotlib_says_how_to_install_it(runs, tmp_path, monkeypa
     for name in ("c.pdf", "c.svg", "c.png"):
         assert tool.main([str(runs[0]), "--out", str(tmp_path / name)]) == 1
         assert capsys.readouterr().err == "error: plotting needs matplotlib: pip install 'agentflan[plot]'\n"
+    assert tool.main([str(runs[0]), str(runs[0]) + "/", "--out", str(tmp_path / "c.png")]) == 1
+    assert capsys.readouterr().err == f"error: RUN_DIR {runs[0]}/: given twice; give each run once\n"

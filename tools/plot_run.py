@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from agentflan.cli import ArgumentParser
-from agentflan.output_paths import OutputPathError, check_output_file
+from agentflan.output_paths import OutputPathError, check_output_file, same_file
 from agentflan.trainer.errors import TrainError
 from agentflan.trainer.plot import plot_runs
 
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "(.png, .pdf, .svg, ...; default: RUN_DIR/curves.png of the first run)")
     args = parser.parse_args(argv)
     try:
+        for i, run in enumerate(args.run_dirs):  # one run twice would draw the same curves twice
+            if any(same_file(run, other) for other in args.run_dirs[:i]):
+                raise OutputPathError(f"RUN_DIR {run}: given twice; give each run once")
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
         if args.out:
             check_image_path(out)

@@ -46,7 +46,7 @@ from agentflan.data.conversation import DataFormatError, RecordError
 from agentflan.data.defaults import DEFAULT_PACK_LEN, DEFAULT_TOKENIZER
 from agentflan.data.recipe import recipe_from_dict
 from agentflan.data.sources import MAX_EXAMPLES, FormatDetectionError, SourceReader
-from agentflan.output_paths import OutputPathError, check_output_file
+from agentflan.output_paths import OutputPathError, check_output_file, same_file
 from agentflan.tokenizer import Tokenizer
 from agentflan.toolworld.negatives import generate_negatives
 from agentflan.toolworld.protocol import CHAT, FACETS, REACT, STRICT_JSON
@@ -130,8 +130,12 @@ def check_outputs(inputs: Sequence[str | os.PathLike], output: str | os.PathLike
     written: each a file path that is none of the input, general or tokenizer files, not a folder,
     in an existing folder, and absent unless ``overwrite``."""
     out, manifest_path, recipe_path = output_paths(output)
-    read = [("--input", p) for p in inputs] + [("--general", p) for p in options.general] \
-        + [("--tokenizer", options.tokenizer)]
+    given = [("--input", p) for p in inputs] + [("--general", p) for p in options.general]
+    for i, (flag, path) in enumerate(given):  # one file twice would double its records silently
+        for other_flag, other in given[:i]:
+            if Path(path).exists() and same_file(path, other):
+                raise BuildError(f"{flag} {path}: the same file as {other_flag} {other}; give each file once")
+    read = given + [("--tokenizer", options.tokenizer)]
     try:
         for path in [out, manifest_path] + ([recipe_path] if options.general else []):
             check_output_file(path, "--output" if path == out else f"--output's {path.name}",
