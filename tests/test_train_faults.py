@@ -237,6 +237,15 @@ def test_packs_that_cannot_hold_a_trained_token_are_refused(corpus, seed):
     check_packs_train(dataset, 1, warnings.append)
     assert warnings == ([] if expected / dataset.n_packs > 0.9 else [warnings[0]])
     assert not warnings or warnings[0].startswith(f"warning: {expected} of {dataset.n_packs} packs of --pack-len")
+    # Runs of --max-bad-steps empty steps in a row, expected within the run, are refused up front.
+    empty = (1 - expected / dataset.n_packs) ** 2
+    for steps, limit in ((10, 3), (100_000, 2), (10**9, 5)):
+        if steps * empty ** limit >= 1:
+            with pytest.raises(TrainError, match=f"{limit} such steps in a row \\(--max-bad-steps\\) are to be "
+                                                 f"expected within {steps} steps"):
+                check_packs_train(dataset, 2, warnings.append, steps, limit)
+        else:
+            check_packs_train(dataset, 2, warnings.append, steps, limit)
 
 
 def build_one(dataset, pack):

@@ -92,9 +92,12 @@ def trained_packs(dataset: PackedDataset, chunk: int = 4096) -> int:
     return count
 
 
-def check_packs_train(dataset: PackedDataset, global_batch: int, warn: Callable[[str], None]) -> None:
+def check_packs_train(dataset: PackedDataset, global_batch: int, warn: Callable[[str], None],
+                      steps: int | None = None, max_bad_steps: int | None = None) -> None:
     """Raises TrainError when no pack holds a trained label (the documents split into pieces too
-    short to hold a target); warns when many steps will be skipped for lack of one."""
+    short to hold a target), or when ``steps`` steps would be expected to hold ``max_bad_steps``
+    empty steps in a row (each empty with probability q: about steps * q**max_bad_steps such
+    runs), which would abort the run; warns when many steps will be skipped for lack of one."""
     n_trained = trained_packs(dataset)
     where = (f"{n_trained} of {dataset.n_packs} packs of --pack-len {dataset.plan.capacity} tokens hold a trained "
              f"token ({dataset.corpus.n_trained_tokens:,} trained tokens in the conversations, "
@@ -102,6 +105,10 @@ def check_packs_train(dataset: PackedDataset, global_batch: int, warn: Callable[
     if n_trained == 0:
         raise TrainError(f"{where}: no step can train; raise --pack-len")
     empty_steps = (1 - n_trained / dataset.n_packs) ** global_batch  # the packs of a step are drawn at random
+    if steps and max_bad_steps and steps * empty_steps ** max_bad_steps >= 1:
+        raise TrainError(f"{where}: about {100 * empty_steps:.0f}% of the steps of global batches of {global_batch} "
+                         f"packs would hold none, so {max_bad_steps} such steps in a row (--max-bad-steps) are to be "
+                         f"expected within {steps} steps and would end the run; raise --pack-len or --global-batch")
     if empty_steps >= 0.1:
         warn(f"warning: {where}: about {100 * empty_steps:.0f}% of the steps of global batches of {global_batch} "
              f"packs will hold none and be skipped; raise --pack-len or --global-batch")

@@ -82,9 +82,10 @@ def _prepare_and_train(cfg: TrainConfig, info: DistInfo, t_start: float) -> dict
         dataset = load_data(plan, info, start.checkpoint is not None, say)
         say(f"data: {dataset.summary()}")
         agree(info, lambda: check_trainable(dataset))
-        if isinstance(dataset, PackedDataset):  # prepared data: its steps without a trained token abort later
-            agree(info, lambda: check_packs_train(dataset, plan.cfg.global_batch, warn if info.is_main else say))
         agree(info, lambda: steps_from_data(plan, dataset.n_packs))
+        if isinstance(dataset, PackedDataset):  # prepared data: its steps without a trained token abort later
+            agree(info, lambda: check_packs_train(dataset, plan.cfg.global_batch, warn if info.is_main else say,
+                                                  plan.cfg.steps - start.step, plan.cfg.max_bad_steps))
         agree(info, lambda: check_unfinished(plan.cfg.out_dir, start.step, plan.cfg.steps))
         for note in plan.notes:
             if note.startswith("warning:"):
