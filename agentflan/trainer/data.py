@@ -10,6 +10,7 @@ another record prepares it again, except when resuming, where changed data is an
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
@@ -77,6 +78,9 @@ def check_trainable(dataset: Dataset) -> None:
                          f"conversations with assistant turns")
 
 
+ABORT_RISK = 0.05  # the chance of an abort for lack of trained tokens that refuses a run up front
+
+
 def trained_packs(dataset: PackedDataset, chunk: int = 4096) -> int:
     """How many packs hold at least one trained label, counted on the batches the loop builds
     (a pass of the C++ packer over the corpus, a chunk of packs at a time)."""
@@ -95,9 +99,9 @@ def trained_packs(dataset: PackedDataset, chunk: int = 4096) -> int:
 def check_packs_train(dataset: PackedDataset, global_batch: int, warn: Callable[[str], None],
                       steps: int | None = None, max_bad_steps: int | None = None) -> None:
     """Raises TrainError when no pack holds a trained label (the documents split into pieces too
-    short to hold a target), or when ``steps`` steps would be expected to hold ``max_bad_steps``
-    empty steps in a row (each empty with probability q: about steps * q**max_bad_steps such
-    runs), which would abort the run; warns when many steps will be skipped for lack of one."""
+    short to hold a target), or when ``steps`` steps hold ``max_bad_steps`` empty steps in a row,
+    which abort the run, with a chance of ABORT_RISK or more (each step empty with probability
+    q: about steps * q**max_bad_steps such runs); warns when many steps will be skipped."""
     n_trained = trained_packs(dataset)
     where = (f"{n_trained} of {dataset.n_packs} packs of --pack-len {dataset.plan.capacity} tokens hold a trained "
              f"token ({dataset.corpus.n_trained_tokens:,} trained tokens in the conversations, "
@@ -105,10 +109,13 @@ def check_packs_train(dataset: PackedDataset, global_batch: int, warn: Callable[
     if n_trained == 0:
         raise TrainError(f"{where}: no step can train; raise --pack-len")
     empty_steps = (1 - n_trained / dataset.n_packs) ** global_batch  # the packs of a step are drawn at random
-    if steps and max_bad_steps and steps * empty_steps ** max_bad_steps >= 1:
+    # Runs of max_bad_steps empty steps: about steps * q**k of them (Poisson), so P(at least one) ~ 1 - exp(-that).
+    abort_chance = 1 - math.exp(-steps * empty_steps ** max_bad_steps) if steps and max_bad_steps else 0.0
+    if abort_chance >= ABORT_RISK:
         raise TrainError(f"{where}: about {100 * empty_steps:.0f}% of the steps of global batches of {global_batch} "
-                         f"packs would hold none, so {max_bad_steps} such steps in a row (--max-bad-steps) are to be "
-                         f"expected within {steps} steps and would end the run; raise --pack-len or --global-batch")
+                         f"packs would hold none, so {max_bad_steps} such steps in a row (--max-bad-steps), which end "
+                         f"the run, have a {100 * abort_chance:.0f}% chance within {steps} steps; raise --pack-len or "
+                         f"--global-batch")
     if empty_steps >= 0.1:
         warn(f"warning: {where}: about {100 * empty_steps:.0f}% of the steps of global batches of {global_batch} "
              f"packs will hold none and be skipped; raise --pack-len or --global-batch")
