@@ -209,7 +209,8 @@ def _loop(plan: RunPlan, info: DistInfo, model: torch.nn.Module, optimizer: torc
     loss = (lambda v: "n/a" if v is None else f"{v:.4f}")
     progress.say(f"done: loss {loss(summary['first_loss'])} -> {loss(summary['last_loss'])} (mean of last 10: "
                  f"{loss(summary['last10_mean_loss'])}), {summary['tokens_per_s']:,.0f} tok/s, {summary['skipped_steps']} "
-                 f"skipped step(s), train {state.elapsed_s:.1f}s, wall {summary['wall_time_s']:.1f}s")
+                 f"skipped step(s), train {state.elapsed_s:.1f}s{' over all parts' if start_step else ''}, wall "
+                 f"{summary['wall_time_s']:.1f}s{' of this part' if start_step else ''}")
     return summary
 
 
