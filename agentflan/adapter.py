@@ -150,6 +150,22 @@ def _spec_from_config(path: Path, config: dict) -> LoraSpec:
         raise ValueError(f"{path}: {err}") from None
 
 
+def other_base_warning(base: str | os.PathLike, adapter_folder: str | os.PathLike) -> str | None:
+    """A warning line when adapter_config.json's base_model_name_or_path names an existing local
+    folder other than ``base`` (the adapter was trained on another model; shapes that fit do not
+    make it the same one); None when it names ``base``, a hub id or nothing, or is unreadable
+    (read_adapter reports that)."""
+    try:
+        recorded = json.loads((Path(adapter_folder) / ADAPTER_CONFIG).read_text(encoding="utf-8")) \
+            .get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(recorded, str) or not recorded or not Path(recorded).is_dir() or same_file(recorded, base):
+        return None
+    return (f"warning: {adapter_folder} was trained on {recorded} (its {ADAPTER_CONFIG} says), not on {base}; "
+            f"applying it to {base} anyway")
+
+
 def read_adapter(folder: str | os.PathLike) -> Adapter:
     """Reads and checks an adapter folder (ours or PEFT's, LoRA on the block projections).
 

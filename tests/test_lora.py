@@ -309,6 +309,20 @@ def test_merge_tool_replaces_only_an_earlier_model_folder(tmp_path, seed, capsys
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_merging_onto_another_base_than_the_recorded_one_warns(tmp_path, seed, capsys):
+    import shutil
+
+    base, adapter, _, _ = _adapter_folder(tmp_path, seed)
+    merge = _merge_tool()
+    assert merge([str(base), str(adapter), str(tmp_path / "m1")]) == 0
+    assert capsys.readouterr().err == ""  # the recorded base: nothing to say
+    other = tmp_path / "other_base"
+    shutil.copytree(base, other)  # same shapes, another model as far as anyone can tell
+    assert merge([str(other), str(adapter), str(tmp_path / "m2")]) == 0
+    assert capsys.readouterr().err == (f"warning: {adapter} was trained on {base} (its adapter_config.json says), "
+                                       f"not on {other}; applying it to {other} anyway\n")
+
+
 @pytest.fixture
 def one_rank_group(tmp_path):
     """A one-process gloo group: FSDP2's DTensor code paths run in this process."""

@@ -37,6 +37,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from agentflan.adapter import other_base_warning
 from agentflan.cli import ArgumentParser
 from agentflan.data.templates import TEMPLATES
 from agentflan.generate import (
@@ -247,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.adapter:
+        warning = other_base_warning(args.model_dir, args.adapter)
+        if warning:
+            print(warning, file=sys.stderr)
     context = info.config.max_seq_len
     if args.max_new_tokens >= context:
         print(f"warning: --max-new-tokens {args.max_new_tokens} is more than the model's context of {context} "

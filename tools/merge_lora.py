@@ -19,7 +19,7 @@ import sys
 import torch
 
 from agentflan.cli import ArgumentParser
-from agentflan.adapter import merge_folders
+from agentflan.adapter import merge_folders, other_base_warning
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace OUT when it is an earlier model folder (never another folder or a file)")
     args = parser.parse_args(argv)
     try:
+        warning = other_base_warning(args.base, args.adapter)
+        if warning:
+            print(warning, file=sys.stderr)
         merge_folders(args.base, args.adapter, args.out, DTYPES[args.dtype], overwrite=args.overwrite)
     except (FileNotFoundError, ValueError) as err:  # agentflan.checkpoint.CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
