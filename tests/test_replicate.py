@@ -178,3 +178,17 @@ def test_arms_a_and_b_need_no_general_data_and_c_asks_for_it(tmp_path, capsys, m
     general = write_sharegpt(tmp_path / "sharegpt.json", random.Random(seed), 300)
     assert tool.main([*base, "--arms", "C", "--general", str(general)]) == 0, capsys.readouterr().err
     assert sorted(json.loads((out / "replication.json").read_text())["arms"]) == ["A", "C"]
+
+
+def test_the_table_shows_an_arm_without_a_loss(smoke):
+    """A short arm whose every step held no trained token has no loss: the table says '-'."""
+    import copy
+
+    from agentflan.evaluate.replication import format_replication
+
+    _, out, _, rc, _ = smoke
+    assert rc == 0
+    state = copy.deepcopy(json.loads((out / "replication.json").read_text()))
+    state["arms"]["A"]["train"]["last10_mean_loss"] = None
+    row = next(line for line in format_replication(state).splitlines() if line.startswith("| A |"))
+    assert row.split(" | ")[4] == "-", row

@@ -310,6 +310,11 @@ class Replication:
         (self.out / TABLE_FILE).write_text(format_replication(self.state), encoding="utf-8")
 
 
+def _loss(value: float | None) -> str:
+    """A loss for the table; '-' for an arm none of whose steps held a trained token."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_replication(state: dict[str, Any]) -> str:
     """The replication's table (markdown) with its settings."""
     s = state["settings"]
@@ -328,7 +333,7 @@ def format_replication(state: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {name} | {row['label']} | {row['form']} | {row['train']['trained_tokens']:,} | "
-            f"{row['train']['last10_mean_loss']:.3f} | "
+            f"{_loss(row['train']['last10_mean_loss'])} | "
             + " | ".join(pct(row[k]) for k in SCORES) + " |")
     budget = s["steps"] * s["global_batch"] * s["pack_len"]
     walls = [f"{name} {row['train']['wall_s'] / 60:.1f} + {row['eval']['wall_s'] / 60:.1f}"
